@@ -1,0 +1,1 @@
+//! Shared types for spin-diffusion: no burn here.

@@ -1,0 +1,12 @@
+//! spin-worker: the diffusers models in burn, their loaders, schedulers and pipelines, and
+//! (later) the training step and task runner of a worker daemon.
+
+pub mod error;
+pub mod nn;
+pub mod weights;
+
+pub use error::ModelError;
+pub mod text;
+pub mod schedulers;
+pub mod device;
+pub mod pipeline;

@@ -1,0 +1,181 @@
+//! A Stable Diffusion pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+//! `tokenizer/`, `scheduler/`) loaded as one object, and text-to-image sampling with DDIM and
+//! classifier-free guidance, as diffusers' `StableDiffusionPipeline` does it.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution as _, StandardNormal};
+
+use crate::error::ModelError;
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::schedulers::{DdimScheduler, SchedulerConfig};
+use crate::text::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+
+/// The components of a diffusers Stable Diffusion folder.
+#[derive(Debug)]
+pub struct StableDiffusion {
+    /// Where it was loaded from.
+    pub dir: PathBuf,
+    /// CLIP BPE tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Frozen text encoder.
+    pub text_encoder: ClipTextModel,
+    /// Its config.
+    pub text_config: ClipTextConfig,
+    /// The denoiser.
+    pub unet: UNet2DConditionModel,
+    /// Its config.
+    pub unet_config: UNet2DConditionConfig,
+    /// Frozen autoencoder.
+    pub vae: AutoencoderKL,
+    /// Its config.
+    pub vae_config: AutoencoderKLConfig,
+    /// Noise schedule.
+    pub scheduler_config: SchedulerConfig,
+}
+
+/// Settings of one text-to-image call.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    /// DDIM steps (50).
+    pub steps: usize,
+    /// Classifier-free guidance scale (7.5); 1 or less disables guidance.
+    pub guidance: f64,
+    /// DDIM eta (0: deterministic).
+    pub eta: f64,
+    /// Seed of the initial noise (and of the eta noise).
+    pub seed: u64,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            steps: 50,
+            guidance: 7.5,
+            eta: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl StableDiffusion {
+    /// Loads every component of the folder `dir`; the error names the missing or bad file.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let index = dir.join("model_index.json");
+        if !index.exists() {
+            return Err(ModelError::MissingFile { path: index });
+        }
+        let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))?;
+        let (text_encoder, text_config) = ClipTextModel::load(&dir.join("text_encoder"), device)?;
+        let (unet, unet_config) = UNet2DConditionModel::load(&dir.join("unet"), device)?;
+        let (vae, vae_config) = AutoencoderKL::load(&dir.join("vae"), device)?;
+        let scheduler_config = SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            text_config,
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+            scheduler_config,
+        })
+    }
+
+    /// Token ids of `prompts`, `[N, 77]`.
+    pub fn tokenize(&self, prompts: &[&str], device: &Device) -> Result<Tensor<2, Int>, ModelError> {
+        let len = self.tokenizer.max_length();
+        let mut ids = Vec::with_capacity(prompts.len() * len);
+        for prompt in prompts {
+            ids.extend(self.tokenizer.encode(prompt)?.into_iter().map(i64::from));
+        }
+        Ok(Tensor::from_data(TensorData::new(ids, [prompts.len(), len]), device))
+    }
+
+    /// Text-encoder hidden states of `prompts`, `[N, 77, D]`.
+    pub fn encode_prompts(&self, prompts: &[&str], device: &Device) -> Result<Tensor<3>, ModelError> {
+        Ok(self.text_encoder.forward(self.tokenize(prompts, device)?))
+    }
+
+    /// Latent `[C, H, W]` of the UNet's native resolution.
+    pub fn latent_shape(&self) -> [usize; 3] {
+        let s = self.unet_config.sample_size;
+        [self.unet_config.in_channels, s, s]
+    }
+
+    /// Standard normal initial latents `[1, C, H, W]` from `seed`.
+    pub fn initial_latents(&self, seed: u64, device: &Device) -> Tensor<4> {
+        let [c, h, w] = self.latent_shape();
+        gaussian([1, c, h, w], seed, device)
+    }
+
+    /// Denoises `latents` `[1, C, H, W]` from pure noise with DDIM, guided by `prompt` against
+    /// `negative_prompt` (the empty prompt when `None`); returns the final latents, before the
+    /// VAE. `progress(step, steps)` is called after every step.
+    pub fn sample_latents(
+        &self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        latents: Tensor<4>,
+        options: &SampleOptions,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Tensor<4>, ModelError> {
+        let device = latents.device();
+        let guided = options.guidance > 1.0;
+        let context = if guided {
+            // diffusers' order: unconditional half first.
+            self.encode_prompts(&[negative_prompt.unwrap_or(""), prompt], &device)?
+        } else {
+            self.encode_prompts(&[prompt], &device)?
+        };
+        let scheduler = DdimScheduler::new(&self.scheduler_config, options.steps);
+        let mut latents = latents;
+        let steps = scheduler.timesteps().len();
+        for (i, &t) in scheduler.timesteps().iter().enumerate() {
+            let batch = if guided { 2 } else { 1 };
+            let input = if guided {
+                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+            } else {
+                latents.clone()
+            };
+            let timesteps = Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), &device);
+            let noise_pred = self.unet.forward(input, timesteps, context.clone());
+            let noise_pred = if guided {
+                let mut halves = noise_pred.chunk(2, 0).into_iter();
+                let (uncond, cond) = match (halves.next(), halves.next()) {
+                    (Some(u), Some(c)) => (u, c),
+                    _ => unreachable!("a batch of two splits in two"),
+                };
+                uncond.clone() + (cond - uncond) * options.guidance
+            } else {
+                noise_pred
+            };
+            let noise = (options.eta > 0.0).then(|| {
+                gaussian(latents.dims(), options.seed.wrapping_add(1 + i as u64), &device)
+            });
+            latents = scheduler.step(noise_pred, t, latents, options.eta, noise);
+            progress(i + 1, steps);
+        }
+        Ok(latents)
+    }
+
+    /// Latents `[N, C, h, w]` (as sampled, before scaling) -> images `[N, 3, H, W]` in `[0, 1]`.
+    pub fn decode_latents(&self, latents: Tensor<4>) -> Tensor<4> {
+        let image = self.vae.decode(latents / self.vae_config.scaling_factor);
+        (image / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+}
+
+/// Standard normal noise of `shape` drawn from a seeded ChaCha stream, so the same seed gives
+/// the same tensor on every machine and backend.
+pub fn gaussian(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
