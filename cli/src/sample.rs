@@ -67,7 +67,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let pipeline = StableDiffusion::load(&args.model, &device)
         .with_context(|| format!("loading pipeline {}", args.model.display()))?;
-    eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} in {:.1}s",
+        args.model.display(),
+        started.elapsed().as_secs_f64()
+    );
 
     let options = SampleOptions {
         steps: args.steps,
@@ -82,7 +86,10 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
             Some(path) => read_latents(path, pipeline.latent_shape(), &device)?,
             None => pipeline.initial_latents(seed, &device),
         };
-        let options = SampleOptions { seed, ..options.clone() };
+        let options = SampleOptions {
+            seed,
+            ..options.clone()
+        };
         let step_started = Instant::now();
         let latents = pipeline.sample_latents(
             &args.prompt,
@@ -110,8 +117,14 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.save_latents {
         let latents = Tensor::cat(all_latents, 0);
         let shape = latents.dims().to_vec();
-        let values = latents.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let tensors = [("latents".to_string(), (shape, values))].into_iter().collect();
+        let values = latents
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let tensors = [("latents".to_string(), (shape, values))]
+            .into_iter()
+            .collect();
         write_safetensors(path, &tensors, None::<HashMap<String, String>>)?;
         eprintln!("wrote latents to {}", path.display());
     }
@@ -122,7 +135,10 @@ fn output_path(out: &Path, index: usize, count: usize) -> PathBuf {
     if count == 1 {
         return out.to_path_buf();
     }
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!("{stem}-{index}.png"))
 }
 
@@ -137,7 +153,10 @@ fn read_latents(path: &Path, [c, h, w]: [usize; 3], device: &Device) -> anyhow::
             stored.shape
         );
     }
-    Ok(Tensor::from_data(TensorData::new(stored.values.clone(), stored.shape.clone()), device))
+    Ok(Tensor::from_data(
+        TensorData::new(stored.values.clone(), stored.shape.clone()),
+        device,
+    ))
 }
 
 /// Writes images `[N, 3, H, W]` in `[0, 1]` (the first of them) as an 8-bit PNG.
@@ -146,7 +165,11 @@ fn save_png(image: Tensor<4>, path: &Path) -> anyhow::Result<()> {
     if c != 3 {
         bail!("the VAE produced {c} channels, a PNG needs 3");
     }
-    let values = image.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let values = image
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut pixels = vec![0u8; h * w * 3];
     for y in 0..h {
         for x in 0..w {

@@ -26,7 +26,10 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
         other if other == "cuda" || other.starts_with("cuda:") => {
             let index = other
                 .strip_prefix("cuda:")
-                .map(|i| i.parse::<usize>().map_err(|_| format!("bad cuda device index in {other:?}")))
+                .map(|i| {
+                    i.parse::<usize>()
+                        .map_err(|_| format!("bad cuda device index in {other:?}"))
+                })
                 .transpose()?
                 .unwrap_or(0);
             Ok(Device::cuda(index))

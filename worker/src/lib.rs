@@ -2,11 +2,12 @@
 //! (later) the training step and task runner of a worker daemon.
 
 pub mod error;
+pub mod models;
 pub mod nn;
 pub mod weights;
 
 pub use error::ModelError;
-pub mod text;
-pub mod schedulers;
 pub mod device;
 pub mod pipeline;
+pub mod schedulers;
+pub mod text;

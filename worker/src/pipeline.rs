@@ -73,7 +73,8 @@ impl StableDiffusion {
         let (text_encoder, text_config) = ClipTextModel::load(&dir.join("text_encoder"), device)?;
         let (unet, unet_config) = UNet2DConditionModel::load(&dir.join("unet"), device)?;
         let (vae, vae_config) = AutoencoderKL::load(&dir.join("vae"), device)?;
-        let scheduler_config = SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer,
@@ -88,24 +89,40 @@ impl StableDiffusion {
     }
 
     /// Token ids of `prompts`, `[N, 77]`.
-    pub fn tokenize(&self, prompts: &[&str], device: &Device) -> Result<Tensor<2, Int>, ModelError> {
+    pub fn tokenize(
+        &self,
+        prompts: &[&str],
+        device: &Device,
+    ) -> Result<Tensor<2, Int>, ModelError> {
         let len = self.tokenizer.max_length();
         let mut ids = Vec::with_capacity(prompts.len() * len);
         for prompt in prompts {
             ids.extend(self.tokenizer.encode(prompt)?.into_iter().map(i64::from));
         }
-        Ok(Tensor::from_data(TensorData::new(ids, [prompts.len(), len]), device))
+        Ok(Tensor::from_data(
+            TensorData::new(ids, [prompts.len(), len]),
+            device,
+        ))
     }
 
     /// Text-encoder hidden states of `prompts`, `[N, 77, D]`.
-    pub fn encode_prompts(&self, prompts: &[&str], device: &Device) -> Result<Tensor<3>, ModelError> {
+    pub fn encode_prompts(
+        &self,
+        prompts: &[&str],
+        device: &Device,
+    ) -> Result<Tensor<3>, ModelError> {
         Ok(self.text_encoder.forward(self.tokenize(prompts, device)?))
     }
 
     /// Latent `[C, H, W]` of the UNet's native resolution.
     pub fn latent_shape(&self) -> [usize; 3] {
-        let s = self.unet_config.sample_size;
-        [self.unet_config.in_channels, s, s]
+        use crate::models::unet_2d_condition::OneOrMany;
+        let (h, w) = match &self.unet_config.sample_size {
+            Some(OneOrMany::One(s)) => (*s, *s),
+            Some(OneOrMany::Many(hw)) if hw.len() == 2 => (hw[0], hw[1]),
+            _ => (64, 64),
+        };
+        [self.unet_config.in_channels, h, w]
     }
 
     /// Standard normal initial latents `[1, C, H, W]` from `seed`.
@@ -143,7 +160,8 @@ impl StableDiffusion {
             } else {
                 latents.clone()
             };
-            let timesteps = Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), &device);
+            let timesteps =
+                Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), &device);
             let noise_pred = self.unet.forward(input, timesteps, context.clone());
             let noise_pred = if guided {
                 let mut halves = noise_pred.chunk(2, 0).into_iter();
@@ -156,7 +174,11 @@ impl StableDiffusion {
                 noise_pred
             };
             let noise = (options.eta > 0.0).then(|| {
-                gaussian(latents.dims(), options.seed.wrapping_add(1 + i as u64), &device)
+                gaussian(
+                    latents.dims(),
+                    options.seed.wrapping_add(1 + i as u64),
+                    &device,
+                )
             });
             latents = scheduler.step(noise_pred, t, latents, options.eta, noise);
             progress(i + 1, steps);

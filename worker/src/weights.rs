@@ -11,7 +11,11 @@ use safetensors::tensor::{Dtype, TensorView};
 use crate::error::ModelError;
 
 /// Path segments that Rust field names cannot spell, mapped to their diffusers spelling.
-const SEGMENT_ALIASES: &[(&str, &str)] = &[("to_out_0", "to_out.0"), ("net_0", "net.0"), ("net_2", "net.2")];
+const SEGMENT_ALIASES: &[(&str, &str)] = &[
+    ("to_out_0", "to_out.0"),
+    ("net_0", "net.0"),
+    ("net_2", "net.2"),
+];
 
 /// One tensor read from a weight file, converted to f32.
 #[derive(Clone, Debug)]
@@ -43,11 +47,16 @@ impl WeightFile {
             path: path.to_path_buf(),
             message,
         };
-        let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
+        let file =
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
-            let values = to_f32(view.dtype(), view.data())
-                .ok_or_else(|| invalid(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+            let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                invalid(format!(
+                    "tensor `{name}` has unsupported dtype {:?}",
+                    view.dtype()
+                ))
+            })?;
             let shape = view.shape().to_vec();
             tensors.insert(name, StoredTensor { shape, values });
         }
@@ -76,7 +85,11 @@ impl WeightFile {
     }
 
     /// The tensor under `key` on `device`, checked to have `D` dimensions.
-    pub fn tensor<const D: usize>(&self, key: &str, device: &Device) -> Result<Tensor<D>, ModelError> {
+    pub fn tensor<const D: usize>(
+        &self,
+        key: &str,
+        device: &Device,
+    ) -> Result<Tensor<D>, ModelError> {
         let stored = self.require(key)?;
         if stored.shape.len() != D {
             return Err(ModelError::ShapeMismatch {
@@ -100,7 +113,10 @@ impl WeightFile {
 
 fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     let values = match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::F16 => data
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -183,7 +199,7 @@ impl ModuleMapper for Loader<'_> {
             return param;
         }
         let key = self.path.key(self.prefix);
-        let expected = param.lazy_shape().dims.to_vec();
+        let expected = param.lazy_shape().to_vec();
         let stored = match self.file.require(&key) {
             Ok(stored) => stored,
             Err(err) => {
@@ -200,7 +216,10 @@ impl ModuleMapper for Loader<'_> {
             });
             return param;
         }
-        let mut tensor = Tensor::from_data(TensorData::new(stored.values.clone(), stored.shape.clone()), self.device);
+        let mut tensor = Tensor::from_data(
+            TensorData::new(stored.values.clone(), stored.shape.clone()),
+            self.device,
+        );
         if self.device.is_autodiff() {
             tensor = tensor.require_grad();
         }
@@ -212,7 +231,12 @@ impl ModuleMapper for Loader<'_> {
 /// Fills every parameter of `module` from `file`, where parameter `a.b.weight` is stored under
 /// `{prefix}.a.b.weight`. A missing or misshapen tensor is an error naming key and file; tensors
 /// the module does not use are logged and ignored (buffers such as `position_ids`).
-pub fn load_module<M: Module>(module: M, file: &WeightFile, prefix: &str, device: &Device) -> Result<M, ModelError> {
+pub fn load_module<M: Module>(
+    module: M,
+    file: &WeightFile,
+    prefix: &str,
+    device: &Device,
+) -> Result<M, ModelError> {
     let mut loader = Loader {
         path: KeyPath::default(),
         prefix,
@@ -252,7 +276,7 @@ impl<F: FnMut(String, Tensor<1>, Vec<usize>)> ModuleVisitor for Collector<F> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let tensor = param.val();
         let shape = tensor.dims().to_vec();
-        let numel = shape.iter().product();
+        let numel: usize = shape.iter().product();
         (self.each)(self.path.key(""), tensor.reshape([numel]), shape);
     }
 }
@@ -281,7 +305,8 @@ impl ModuleVisitor for ShapeLister {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.push((self.path.key(""), param.lazy_shape().dims.to_vec()));
+        self.out
+            .push((self.path.key(""), param.lazy_shape().to_vec()));
     }
 }
 
@@ -332,8 +357,16 @@ pub fn write_safetensors(
 pub fn save_module<M: Module>(module: &M, path: &Path) -> Result<(), ModelError> {
     let mut tensors = BTreeMap::new();
     visit_named_params(module, |key, value, shape| {
-        let values = value.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        let values = value
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
         tensors.insert(key, (shape, values));
     });
-    write_safetensors(path, &tensors, Some(HashMap::from([("format".to_string(), "pt".to_string())])))
+    write_safetensors(
+        path,
+        &tensors,
+        Some(HashMap::from([("format".to_string(), "pt".to_string())])),
+    )
 }

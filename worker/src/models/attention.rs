@@ -257,7 +257,10 @@ mod tests {
         let k = heads(attn.to_k.forward(ctx.clone()), 7);
         let v = heads(attn.to_v.forward(ctx), 7);
         let scores = q.matmul(k.swap_dims(2, 3)) / (8f64).sqrt();
-        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([2, 5, 16]);
+        let out = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([2, 5, 16]);
         let reference = attn.to_out_0.forward(out);
         assert!(max_abs(fused, reference) < 1e-5);
     }

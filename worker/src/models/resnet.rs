@@ -122,6 +122,8 @@ mod tests {
             &device,
         );
         let keys: Vec<String> = named_shapes(&same).into_iter().map(|(k, _)| k).collect();
-        assert!(!keys.iter().any(|k| k.starts_with("conv_shortcut") || k.starts_with("time_emb_proj")));
+        assert!(!keys
+            .iter()
+            .any(|k| k.starts_with("conv_shortcut") || k.starts_with("time_emb_proj")));
     }
 }

@@ -36,12 +36,20 @@ impl DdimScheduler {
             TimestepSpacing::Linspace => (0..steps)
                 .rev()
                 .map(|k| {
-                    let x = if steps == 1 { 0.0 } else { k as f64 * (t - 1) as f64 / (steps - 1) as f64 };
+                    let x = if steps == 1 {
+                        0.0
+                    } else {
+                        k as f64 * (t - 1) as f64 / (steps - 1) as f64
+                    };
                     round_half_even(x) as usize
                 })
                 .collect(),
         };
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { schedule.alpha_cumprod(0, 1.0) };
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            schedule.alpha_cumprod(0, 1.0)
+        };
         Self {
             config: config.clone(),
             schedule,
@@ -127,7 +135,10 @@ mod tests {
     #[test]
     fn leading_spacing_matches_stable_diffusion() {
         let ddim = DdimScheduler::new(&SchedulerConfig::stable_diffusion(), 10);
-        assert_eq!(ddim.timesteps(), &[901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
+        assert_eq!(
+            ddim.timesteps(),
+            &[901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+        );
         let ddim = DdimScheduler::new(&SchedulerConfig::stable_diffusion(), 50);
         assert_eq!(ddim.timesteps()[0], 981);
         assert_eq!(ddim.timesteps()[49], 1);
@@ -137,9 +148,15 @@ mod tests {
     fn trailing_and_linspace_spacing() {
         let mut config = SchedulerConfig::stable_diffusion();
         config.timestep_spacing = TimestepSpacing::Trailing;
-        assert_eq!(DdimScheduler::new(&config, 4).timesteps(), &[999, 749, 499, 249]);
+        assert_eq!(
+            DdimScheduler::new(&config, 4).timesteps(),
+            &[999, 749, 499, 249]
+        );
         config.timestep_spacing = TimestepSpacing::Linspace;
-        assert_eq!(DdimScheduler::new(&config, 4).timesteps(), &[999, 666, 333, 0]);
+        assert_eq!(
+            DdimScheduler::new(&config, 4).timesteps(),
+            &[999, 666, 333, 0]
+        );
     }
 
     #[test]
@@ -148,6 +165,9 @@ mod tests {
         let ddim = DdimScheduler::new(&config, 10);
         let abar0 = ddim.schedule().alpha_cumprod(0, 1.0);
         assert_eq!(ddim.previous_alpha_cumprod(1), abar0);
-        assert_eq!(ddim.previous_alpha_cumprod(101), ddim.schedule().alpha_cumprod(1, 1.0));
+        assert_eq!(
+            ddim.previous_alpha_cumprod(101),
+            ddim.schedule().alpha_cumprod(1, 1.0)
+        );
     }
 }

@@ -153,7 +153,11 @@ impl SchedulerConfig {
             return Err(ModelError::unsupported(path, "thresholding", true));
         }
         if self.rescale_betas_zero_snr {
-            return Err(ModelError::unsupported(path, "rescale_betas_zero_snr", true));
+            return Err(ModelError::unsupported(
+                path,
+                "rescale_betas_zero_snr",
+                true,
+            ));
         }
         if self.num_train_timesteps == 0 {
             return Err(ModelError::unsupported(path, "num_train_timesteps", 0));
@@ -177,16 +181,24 @@ impl NoiseSchedule {
             if n == 1 {
                 return vec![a];
             }
-            (0..n).map(|i| a + (b - a) * i as f64 / (n - 1) as f64).collect()
+            (0..n)
+                .map(|i| a + (b - a) * i as f64 / (n - 1) as f64)
+                .collect()
         };
         let betas: Vec<f64> = match config.beta_schedule {
             BetaSchedule::Linear => linspace(config.beta_start, config.beta_end),
-            BetaSchedule::ScaledLinear => linspace(config.beta_start.sqrt(), config.beta_end.sqrt())
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
+            BetaSchedule::ScaledLinear => {
+                linspace(config.beta_start.sqrt(), config.beta_end.sqrt())
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
             BetaSchedule::SquaredcosCapV2 => {
-                let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let f = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -232,7 +244,9 @@ impl NoiseSchedule {
                 (abar.sqrt() as f32, (1.0 - abar).sqrt() as f32)
             })
             .unzip();
-        let column = |v: Vec<f32>, device: &Device| Tensor::<1>::from_data(TensorData::new(v, [n]), device).reshape([n, 1, 1, 1]);
+        let column = |v: Vec<f32>, device: &Device| {
+            Tensor::<1>::from_data(TensorData::new(v, [n]), device).reshape([n, 1, 1, 1])
+        };
         x0 * column(a, &device) + noise * column(b, &device)
     }
 }
@@ -257,7 +271,12 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("scheduler_config.json");
         std::fs::write(&path, r#"{"thresholding": true}"#).expect("write");
-        let err = SchedulerConfig::from_file(&path).expect_err("must fail").to_string();
-        assert!(err.contains("thresholding") && err.contains("scheduler_config.json"), "{err}");
+        let err = SchedulerConfig::from_file(&path)
+            .expect_err("must fail")
+            .to_string();
+        assert!(
+            err.contains("thresholding") && err.contains("scheduler_config.json"),
+            "{err}"
+        );
     }
 }

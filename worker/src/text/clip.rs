@@ -105,7 +105,10 @@ pub struct ClipAttention {
 impl ClipAttention {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [n, l, d] = x.dims();
-        let split = |t: Tensor<3>| t.reshape([n, l, self.heads, d / self.heads]).swap_dims(1, 2);
+        let split = |t: Tensor<3>| {
+            t.reshape([n, l, self.heads, d / self.heads])
+                .swap_dims(1, 2)
+        };
         let q = split(self.q_proj.forward(x.clone()));
         let k = split(self.k_proj.forward(x.clone()));
         let v = split(self.v_proj.forward(x));
@@ -114,7 +117,9 @@ impl ClipAttention {
             softcap: None,
             is_causal: true,
         };
-        let out = attention(q, k, v, None, None, options).swap_dims(1, 2).reshape([n, l, d]);
+        let out = attention(q, k, v, None, None, options)
+            .swap_dims(1, 2)
+            .reshape([n, l, d]);
         self.out_proj.forward(out)
     }
 }
@@ -243,7 +248,10 @@ mod tests {
             ..ClipTextConfig::default()
         };
         let model = ClipTextModel::new(&config, &Device::flex());
-        let keys: Vec<String> = crate::weights::named_shapes(&model).into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = crate::weights::named_shapes(&model)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert!(keys.contains(&"text_model.embeddings.token_embedding.weight".to_string()));
         assert!(keys.contains(&"text_model.encoder.layers.0.self_attn.q_proj.weight".to_string()));
         assert!(keys.contains(&"text_model.encoder.layers.0.mlp.fc2.bias".to_string()));
@@ -259,7 +267,12 @@ mod tests {
         let mut config = serde_json::to_value(ClipTextConfig::default()).expect("json");
         config["num_attention_heads"] = 5.into();
         std::fs::write(&path, config.to_string()).expect("write");
-        let err = ClipTextConfig::from_file(&path).expect_err("must fail").to_string();
-        assert!(err.contains("num_attention_heads") && err.contains("config.json"), "{err}");
+        let err = ClipTextConfig::from_file(&path)
+            .expect_err("must fail")
+            .to_string();
+        assert!(
+            err.contains("num_attention_heads") && err.contains("config.json"),
+            "{err}"
+        );
     }
 }

@@ -63,7 +63,9 @@ impl ClipTokenizer {
         // Special tokens and padding are applied here, the same way for both sources.
         inner.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
         inner.with_padding(None);
-        inner.with_truncation(None).map_err(|e| error(e.to_string()))?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| error(e.to_string()))?;
 
         let settings = TokenizerSettings::read(dir)?;
         let id = |token: &str| {
@@ -87,8 +89,11 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| format!("vocab.json / merges.txt: {e}"))?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| e.to_string())?;
+        let whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| e.to_string())?;
         tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
             NFC.into(),
             whitespace.into(),
@@ -100,7 +105,9 @@ impl ClipTokenizer {
             true,
         )
         .map_err(|e| e.to_string())?;
-        let byte_level = ByteLevel::default().add_prefix_space(false).use_regex(false);
+        let byte_level = ByteLevel::default()
+            .add_prefix_space(false)
+            .use_regex(false);
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             split.into(),
             byte_level.into(),
@@ -115,10 +122,13 @@ impl ClipTokenizer {
 
     /// `<|startoftext|> tokens <|endoftext|> pad...`, exactly `max_length` ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let encoding = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer {
-            path: "<tokenizer>".into(),
-            message: format!("cannot encode {text:?}: {e}"),
-        })?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: "<tokenizer>".into(),
+                message: format!("cannot encode {text:?}: {e}"),
+            })?;
         let body = encoding.get_ids();
         let keep = body.len().min(self.max_length.saturating_sub(2));
         let mut ids = Vec::with_capacity(self.max_length);
@@ -145,13 +155,16 @@ impl TokenizerSettings {
             let Ok(text) = std::fs::read_to_string(&path) else {
                 continue;
             };
-            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
             // A token is a string or an AddedToken object with a `content` field.
             if let Some(pad) = value.get("pad_token") {
-                let token = pad.as_str().or_else(|| pad.get("content").and_then(|c| c.as_str()));
+                let token = pad
+                    .as_str()
+                    .or_else(|| pad.get("content").and_then(|c| c.as_str()));
                 if let Some(token) = token {
                     settings.pad_token = Some(token.to_string());
                 }

@@ -8,7 +8,9 @@ use spin_worker::weights::{StoredTensor, WeightFile};
 
 /// `worker/tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The reference tensors recorded by `scripts/make_fixtures.py` for pipeline `name`.
@@ -32,9 +34,18 @@ pub fn max_abs_diff(actual: &[f32], expected: &[f32]) -> f32 {
 }
 
 /// Asserts `actual` has the stored shape and lies within `tol` (max abs) of it.
-pub fn assert_close<const D: usize>(actual: Tensor<D>, expected: &StoredTensor, tol: f32, what: &str) {
+pub fn assert_close<const D: usize>(
+    actual: Tensor<D>,
+    expected: &StoredTensor,
+    tol: f32,
+    what: &str,
+) {
     assert_eq!(actual.dims().to_vec(), expected.shape, "{what}: shape");
-    let values = actual.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data");
+    let values = actual
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data");
     let diff = max_abs_diff(&values, &expected.values);
     assert!(diff <= tol, "{what}: max abs error {diff:e} > {tol:e}");
     eprintln!("{what}: max abs error {diff:e}");
