@@ -1,1 +1,7 @@
 //! Shared types for spin-diffusion: no burn here.
+//!
+//! [`dataset`] reads Pick-a-Pic parquet shards into preference pairs and preprocesses their
+//! images; [`toy`] writes the synthetic dataset in the same schema.
+
+pub mod dataset;
+pub mod toy;
