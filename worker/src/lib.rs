@@ -11,3 +11,4 @@ pub mod device;
 pub mod pipeline;
 pub mod schedulers;
 pub mod text;
+pub mod train;

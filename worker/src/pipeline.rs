@@ -116,12 +116,7 @@ impl StableDiffusion {
 
     /// Latent `[C, H, W]` of the UNet's native resolution.
     pub fn latent_shape(&self) -> [usize; 3] {
-        use crate::models::unet_2d_condition::OneOrMany;
-        let (h, w) = match &self.unet_config.sample_size {
-            Some(OneOrMany::One(s)) => (*s, *s),
-            Some(OneOrMany::Many(hw)) if hw.len() == 2 => (hw[0], hw[1]),
-            _ => (64, 64),
-        };
+        let (h, w) = self.unet_config.latent_size();
         [self.unet_config.in_channels, h, w]
     }
 

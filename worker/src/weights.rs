@@ -144,12 +144,12 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
 
 /// Tracks the parameter path while a visitor or mapper walks a module tree.
 #[derive(Default)]
-struct KeyPath {
+pub(crate) struct KeyPath {
     segments: Vec<Option<String>>,
 }
 
 impl KeyPath {
-    fn enter(&mut self, name: &str, container_type: &str) {
+    pub(crate) fn enter(&mut self, name: &str, container_type: &str) {
         // Enum variants are a Rust detail: diffusers keys go straight through them.
         let segment = (!container_type.starts_with("Enum:")).then(|| {
             SEGMENT_ALIASES
@@ -160,11 +160,11 @@ impl KeyPath {
         self.segments.push(segment);
     }
 
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         self.segments.pop();
     }
 
-    fn key(&self, prefix: &str) -> String {
+    pub(crate) fn key(&self, prefix: &str) -> String {
         let mut key = prefix.to_string();
         for segment in self.segments.iter().flatten() {
             if !key.is_empty() {

@@ -74,15 +74,25 @@ pub(crate) fn require_value<T: PartialEq + Debug>(
     }
 }
 
-/// `Err(Unsupported)` naming `option`, its value and the file unless the option is unset.
-pub(crate) fn require_unset<T: Debug>(
+/// An `Unsupported` error naming `option`, its value as JSON text, and the file.
+pub(crate) fn unsupported_json(path: &Path, option: &str, value: &impl Serialize) -> ModelError {
+    ModelError::Unsupported {
+        path: path.to_path_buf(),
+        option: option.to_string(),
+        value: serde_json::to_string(value).unwrap_or_else(|_| "?".to_string()),
+    }
+}
+
+/// `Err(Unsupported)` naming `option`, its value and the file unless the option is unset
+/// (absent or `null`).
+pub(crate) fn require_unset(
     path: &Path,
     option: &str,
-    value: &Option<T>,
+    value: &Option<serde_json::Value>,
 ) -> Result<(), ModelError> {
     match value {
         None => Ok(()),
-        Some(value) => Err(ModelError::unsupported(path, option, value)),
+        Some(value) => Err(unsupported_json(path, option, value)),
     }
 }
 

@@ -15,8 +15,8 @@ use super::unet_2d_blocks::{
     UNetMidBlock2DCrossAttn, UpBlock2D,
 };
 use super::{
-    config_error, read_config, require_silu, require_unset, require_value, write_config,
-    CONFIG_NAME, WEIGHTS_NAME,
+    config_error, read_config, require_silu, require_unset, require_value, unsupported_json,
+    write_config, CONFIG_NAME, WEIGHTS_NAME,
 };
 use crate::error::ModelError;
 use crate::nn::{Conv2d, GroupNorm};
@@ -196,6 +196,23 @@ pub struct UNetPlan {
 }
 
 impl UNet2DConditionConfig {
+    /// The latent `(height, width)` the model was trained on (`sample_size`; 64 when absent).
+    pub fn latent_size(&self) -> (usize, usize) {
+        match &self.sample_size {
+            Some(OneOrMany::One(s)) => (*s, *s),
+            Some(OneOrMany::Many(hw)) if hw.len() == 2 => (hw[0], hw[1]),
+            _ => (64, 64),
+        }
+    }
+
+    /// Width of the text conditioning (the first block's, when given per block).
+    pub fn context_dim(&self) -> usize {
+        match &self.cross_attention_dim {
+            OneOrMany::One(d) => *d,
+            OneOrMany::Many(ds) => ds.first().copied().unwrap_or(768),
+        }
+    }
+
     /// diffusers' `UNet2DConditionModel.__init__` defaults (used for fields a file omits).
     pub fn diffusers_default() -> Self {
         let strings = |names: &[&str]| names.iter().map(|s| s.to_string()).collect();
@@ -297,7 +314,10 @@ impl UNet2DConditionConfig {
             value.per_block(n).ok_or_else(|| {
                 config_error(
                     source,
-                    format!("`{option}` = {value:?} does not give one value per block ({n})"),
+                    format!(
+                        "`{option}` = {} does not give one value per block ({n})",
+                        serde_json::to_string(value).unwrap_or_default()
+                    ),
                 )
             })
         };
@@ -340,10 +360,13 @@ impl UNet2DConditionConfig {
             output_scale_factor,
         };
         let attn = |heads: usize, cross_attention_dim, transformer_layers, channels: usize| {
-            if heads == 0 || channels % heads != 0 {
+            if heads == 0 || !channels.is_multiple_of(heads) {
                 return Err(config_error(
                     source,
-                    format!("{heads} attention heads (`attention_head_dim`) do not divide {channels} channels"),
+                    format!(
+                        "{heads} attention heads (`attention_head_dim`) do not divide \
+                         {channels} channels"
+                    ),
                 ));
             }
             Ok(CrossAttnConfig {
@@ -487,7 +510,7 @@ impl UNet2DConditionConfig {
             OneOrMany::Many(values) => values.iter().any(|v| *v),
         };
         if only_cross {
-            return Err(ModelError::unsupported(
+            return Err(unsupported_json(
                 source,
                 "only_cross_attention",
                 &self.only_cross_attention,
@@ -527,7 +550,11 @@ impl UNet2DConditionConfig {
         )?;
         require_silu(source, "act_fn", &self.act_fn)?;
         if self.norm_num_groups.is_none() {
-            return Err(ModelError::unsupported(source, "norm_num_groups", "null"));
+            return Err(unsupported_json(
+                source,
+                "norm_num_groups",
+                &serde_json::Value::Null,
+            ));
         }
         Ok(())
     }
@@ -791,6 +818,7 @@ impl UNet2DConditionModel {
 mod tests {
     use super::*;
     use crate::weights::named_shapes;
+    use burn::tensor::Distribution;
 
     fn tiny_config() -> UNet2DConditionConfig {
         UNet2DConditionConfig {
@@ -871,6 +899,16 @@ mod tests {
             ),
             (r#"{"upcast_attention": true}"#, "upcast_attention", "true"),
             (
+                r#"{"only_cross_attention": [false, true, false, false]}"#,
+                "only_cross_attention",
+                "[false,true,false,false]",
+            ),
+            (
+                r#"{"encoder_hid_dim": 1024}"#,
+                "encoder_hid_dim",
+                "= 1024 in",
+            ),
+            (
                 r#"{"time_embedding_type": "fourier"}"#,
                 "time_embedding_type",
                 "fourier",
@@ -912,7 +950,8 @@ mod tests {
         let model = UNet2DConditionModel::new(&tiny_config(), &device).expect("model");
         let sample = Tensor::<4>::ones([1, 4, 8, 8], &device);
         let t = Tensor::<1>::from_floats([10.0], &device);
-        let context = Tensor::<3>::ones([1, 3, 12], &device);
+        // Distinct context tokens, or attention would not depend on `to_k`.
+        let context = Tensor::<3>::random([1, 3, 12], Distribution::Normal(0.0, 1.0), &device);
         let loss = model.forward(sample, t, context).powi_scalar(2).mean();
         let grads = loss.backward();
         let down = match &model.down_blocks[0] {
