@@ -1,7 +1,8 @@
 //! Shared types for spin-diffusion: no burn here.
 //!
 //! [`dataset`] reads Pick-a-Pic parquet shards into preference pairs and preprocesses their
-//! images; [`toy`] writes the synthetic dataset in the same schema.
+//! images; [`toy`] writes the synthetic dataset in the same schema; [`spec`] is the job spec.
 
 pub mod dataset;
 pub mod toy;
+pub mod spec;
