@@ -6,3 +6,6 @@
 pub mod dataset;
 pub mod toy;
 pub mod spec;
+pub mod manifest;
+pub mod metrics;
+pub mod seeds;
