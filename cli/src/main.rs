@@ -1,6 +1,7 @@
 //! `spinctl`: the spin-diffusion command line.
 
 mod sample;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,12 @@ struct Cli {
 enum Command {
     /// Generate images from a diffusers pipeline folder with DDIM.
     Sample(sample::SampleArgs),
+    /// Run a SPIN job: `--local` runs the whole self-play loop in this process.
+    Train(train::TrainArgs),
+    /// Write the synthetic shapes dataset (Pick-a-Pic schema) as parquet shards.
+    MakeToyDataset(train::ToyDatasetArgs),
+    /// Write a randomly initialised pixel-space toy pipeline (the SFT starting point).
+    InitToyModel(train::ToyModelArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +33,9 @@ fn main() -> std::process::ExitCode {
     init_tracing(&cli.log_format);
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),
+        Command::Train(args) => train::run(args),
+        Command::MakeToyDataset(args) => train::make_toy_dataset(args),
+        Command::InitToyModel(args) => train::init_toy_model(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

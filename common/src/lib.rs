@@ -4,8 +4,9 @@
 //! images; [`toy`] writes the synthetic dataset in the same schema; [`spec`] is the job spec.
 
 pub mod dataset;
-pub mod toy;
-pub mod spec;
 pub mod manifest;
 pub mod metrics;
+pub mod plan;
 pub mod seeds;
+pub mod spec;
+pub mod toy;

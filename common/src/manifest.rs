@@ -101,7 +101,9 @@ pub fn publish(dir: &Path, description: &str) -> Result<Manifest, ManifestError>
     };
     for rel in files {
         let entry = hash_file(&dir.join(&rel))?;
-        manifest.files.insert(rel.to_string_lossy().replace('\\', "/"), entry);
+        manifest
+            .files
+            .insert(rel.to_string_lossy().replace('\\', "/"), entry);
     }
     let path = dir.join(MANIFEST);
     let tmp = dir.join(".manifest.json.tmp");
@@ -137,7 +139,9 @@ pub fn verify(dir: &Path) -> Result<Manifest, ManifestError> {
         if actual_size != *size || &actual_sha != sha {
             return Err(ManifestError::Mismatch {
                 path: file,
-                reason: format!("{actual_size} bytes sha256 {actual_sha}, manifest says {size} bytes {sha}"),
+                reason: format!(
+                    "{actual_size} bytes sha256 {actual_sha}, manifest says {size} bytes {sha}"
+                ),
             });
         }
     }

@@ -6,7 +6,9 @@ pub fn mmd_rbf(x: &[Vec<f32>], y: &[Vec<f32>]) -> f64 {
     if x.len() < 2 || y.len() < 2 {
         return f64::NAN;
     }
-    let sq = |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum() };
+    let sq = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum()
+    };
     let pooled: Vec<&Vec<f32>> = x.iter().chain(y).collect();
     let mut distances = Vec::new();
     for i in 0..pooled.len() {
@@ -44,8 +46,12 @@ mod tests {
     #[test]
     fn mmd_separates_different_distributions() {
         let a: Vec<Vec<f32>> = (0..20).map(|i| vec![(i % 5) as f32 * 0.1, 0.0]).collect();
-        let b: Vec<Vec<f32>> = (0..20).map(|i| vec![(i % 5) as f32 * 0.1 + 0.02, 0.0]).collect();
-        let c: Vec<Vec<f32>> = (0..20).map(|i| vec![(i % 5) as f32 * 0.1 + 3.0, 1.0]).collect();
+        let b: Vec<Vec<f32>> = (0..20)
+            .map(|i| vec![(i % 5) as f32 * 0.1 + 0.02, 0.0])
+            .collect();
+        let c: Vec<Vec<f32>> = (0..20)
+            .map(|i| vec![(i % 5) as f32 * 0.1 + 3.0, 1.0])
+            .collect();
         let near = mmd_rbf(&a, &b);
         let far = mmd_rbf(&a, &c);
         assert!(far > near && far > 0.1, "near {near} far {far}");

@@ -390,12 +390,17 @@ impl RawJobSpec {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| parse(e.to_string()))?;
-        let mut builder = config::Config::builder().add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml));
         for (key, value) in overrides {
-            builder = builder.set_override(key.as_str(), value.as_str()).map_err(|e| parse(e.to_string()))?;
+            builder = builder
+                .set_override(key.as_str(), value.as_str())
+                .map_err(|e| parse(e.to_string()))?;
         }
         let merged = builder.build().map_err(|e| parse(e.to_string()))?;
-        merged.try_deserialize::<RawJobSpec>().map_err(|e| parse(e.to_string()))
+        merged
+            .try_deserialize::<RawJobSpec>()
+            .map_err(|e| parse(e.to_string()))
     }
 
     /// `SPIN_JOB__A__B=v` entries of `env` as overrides `a.b = v`.
@@ -412,25 +417,55 @@ impl RawJobSpec {
     /// taken relative to `base_dir` (the spec file's folder).
     pub fn validate(self, base_dir: &Path) -> Result<JobSpec, SpecError> {
         let t = &self.training;
-        let resolve = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base_dir.join(p) };
+        let resolve = |p: &PathBuf| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                base_dir.join(p)
+            }
+        };
         let seed = self.job.seed.unwrap_or(5_775_709);
-        let name = self.job.name.clone().unwrap_or_else(|| "spin-job".to_string());
+        let name = self
+            .job
+            .name
+            .clone()
+            .unwrap_or_else(|| "spin-job".to_string());
         if name.trim().is_empty() || name.len() > 200 {
-            return Err(invalid("job.name", format!("{name:?}"), "must be 1 to 200 characters"));
+            return Err(invalid(
+                "job.name",
+                format!("{name:?}"),
+                "must be 1 to 200 characters",
+            ));
         }
         if self.model.base.as_os_str().is_empty() {
-            return Err(invalid("model.base", "\"\"", "must name a diffusers pipeline folder"));
+            return Err(invalid(
+                "model.base",
+                "\"\"",
+                "must name a diffusers pipeline folder",
+            ));
         }
         if self.data.train.is_empty() {
-            return Err(invalid("data.train", "[]", "must list at least one parquet file or folder"));
+            return Err(invalid(
+                "data.train",
+                "[]",
+                "must list at least one parquet file or folder",
+            ));
         }
         let resolution = self.data.resolution.unwrap_or(512);
         if !(8..=4096).contains(&resolution) || resolution % 8 != 0 {
-            return Err(invalid("data.resolution", resolution, "must be a multiple of 8 in 8..=4096"));
+            return Err(invalid(
+                "data.resolution",
+                resolution,
+                "must be a multiple of 8 in 8..=4096",
+            ));
         }
         let held_out_fraction = self.data.held_out_fraction.unwrap_or(0.05);
         if !(0.0..1.0).contains(&held_out_fraction) {
-            return Err(invalid("data.held_out_fraction", held_out_fraction, "must be in [0, 1)"));
+            return Err(invalid(
+                "data.held_out_fraction",
+                held_out_fraction,
+                "must be in [0, 1)",
+            ));
         }
         let sampling = SamplingSpec {
             steps: self.sampling.steps.unwrap_or(50),
@@ -439,10 +474,18 @@ impl RawJobSpec {
             batch_size: self.sampling.batch_size.unwrap_or(8),
         };
         if !(1..=1000).contains(&sampling.steps) {
-            return Err(invalid("sampling.steps", sampling.steps, "must be in 1..=1000"));
+            return Err(invalid(
+                "sampling.steps",
+                sampling.steps,
+                "must be in 1..=1000",
+            ));
         }
         if !(sampling.guidance.is_finite() && sampling.guidance >= 0.0) {
-            return Err(invalid("sampling.guidance", sampling.guidance, "must be finite and >= 0"));
+            return Err(invalid(
+                "sampling.guidance",
+                sampling.guidance,
+                "must be finite and >= 0",
+            ));
         }
         if !(0.0..=1.0).contains(&sampling.eta) {
             return Err(invalid("sampling.eta", sampling.eta, "must be in [0, 1]"));
@@ -470,7 +513,11 @@ impl RawJobSpec {
             checkpoint_every: t.checkpoint_every.unwrap_or(50),
         };
         if !(1..=4096).contains(&training.batch_size) {
-            return Err(invalid("training.batch_size", training.batch_size, "must be in 1..=4096"));
+            return Err(invalid(
+                "training.batch_size",
+                training.batch_size,
+                "must be in 1..=4096",
+            ));
         }
         if !(1..=65536).contains(&training.gradient_accumulation) {
             return Err(invalid(
@@ -479,34 +526,65 @@ impl RawJobSpec {
                 "must be in 1..=65536",
             ));
         }
-        for (field, value) in [("training.adam_beta1", training.adam_beta1), ("training.adam_beta2", training.adam_beta2)] {
+        for (field, value) in [
+            ("training.adam_beta1", training.adam_beta1),
+            ("training.adam_beta2", training.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&value) {
                 return Err(invalid(field, value, "must be in [0, 1)"));
             }
         }
         if !(training.adam_eps > 0.0 && training.adam_eps.is_finite()) {
-            return Err(invalid("training.adam_eps", training.adam_eps, "must be > 0"));
+            return Err(invalid(
+                "training.adam_eps",
+                training.adam_eps,
+                "must be > 0",
+            ));
         }
         if !(training.weight_decay >= 0.0 && training.weight_decay.is_finite()) {
-            return Err(invalid("training.weight_decay", training.weight_decay, "must be >= 0"));
+            return Err(invalid(
+                "training.weight_decay",
+                training.weight_decay,
+                "must be >= 0",
+            ));
         }
         if !(training.max_grad_norm >= 0.0 && training.max_grad_norm.is_finite()) {
-            return Err(invalid("training.max_grad_norm", training.max_grad_norm, "must be >= 0 (0 disables clipping)"));
+            return Err(invalid(
+                "training.max_grad_norm",
+                training.max_grad_norm,
+                "must be >= 0 (0 disables clipping)",
+            ));
         }
         if self.iteration.is_empty() {
-            return Err(invalid("iteration", "[]", "give at least one [[iteration]] with lr and steps"));
+            return Err(invalid(
+                "iteration",
+                "[]",
+                "give at least one [[iteration]] with lr and steps",
+            ));
         }
         let mut iterations = Vec::with_capacity(self.iteration.len());
         for (i, it) in self.iteration.iter().enumerate() {
             let beta = it.beta.unwrap_or(2000.0);
             if !(it.lr > 0.0 && it.lr.is_finite() && it.lr < 1.0) {
-                return Err(invalid(&format!("iteration[{i}].lr"), it.lr, "must be in (0, 1)"));
+                return Err(invalid(
+                    &format!("iteration[{i}].lr"),
+                    it.lr,
+                    "must be in (0, 1)",
+                ));
             }
             if !(beta > 0.0 && beta.is_finite()) {
-                return Err(invalid(&format!("iteration[{i}].beta"), beta, "must be > 0"));
+                return Err(invalid(
+                    &format!("iteration[{i}].beta"),
+                    beta,
+                    "must be > 0",
+                ));
             }
             if !(1..=10_000_000).contains(&it.steps) {
-                return Err(invalid(&format!("iteration[{i}].steps"), it.steps, "must be in 1..=10000000"));
+                return Err(invalid(
+                    &format!("iteration[{i}].steps"),
+                    it.steps,
+                    "must be in 1..=10000000",
+                ));
             }
             iterations.push(IterationSpec {
                 lr: it.lr,
@@ -522,7 +600,13 @@ impl RawJobSpec {
         Ok(JobSpec {
             name,
             seed,
-            output: resolve(&self.job.output.clone().unwrap_or_else(|| PathBuf::from("spin-runs"))),
+            output: resolve(
+                &self
+                    .job
+                    .output
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("spin-runs")),
+            ),
             base_model: resolve(&self.model.base),
             train_data: self.data.train.iter().map(resolve).collect(),
             resolution,
@@ -572,7 +656,10 @@ mod tests {
         assert_eq!(spec.sampling.steps, 50);
         assert_eq!(spec.sampling.guidance, 7.5);
         assert_eq!(spec.training.objective, Objective::Spin);
-        assert_eq!(spec.training.batch_size * spec.training.gradient_accumulation * 8, 2048);
+        assert_eq!(
+            spec.training.batch_size * spec.training.gradient_accumulation * 8,
+            2048
+        );
         assert_eq!(spec.training.warmup_steps, 200);
         assert_eq!(spec.training.max_grad_norm, 1.0);
         assert_eq!(spec.training.weight_decay, 1e-2);
@@ -583,15 +670,23 @@ mod tests {
     #[test]
     fn unknown_field_is_named() {
         let path = write("unknown", &format!("{MINIMAL}[training]\nbatch_sise = 4\n"));
-        let err = JobSpec::load(&path, &HashMap::new()).unwrap_err().to_string();
-        assert!(err.contains("batch_sise") && err.contains("job.toml"), "{err}");
+        let err = JobSpec::load(&path, &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("batch_sise") && err.contains("job.toml"),
+            "{err}"
+        );
     }
 
     #[test]
     fn out_of_range_values_name_the_field() {
         let cases = [
             ("[sampling]\nsteps = 0\n", "sampling.steps"),
-            ("[data]\ntrain = [\"d\"]\nresolution = 30\n", "data.resolution"),
+            (
+                "[data]\ntrain = [\"d\"]\nresolution = 30\n",
+                "data.resolution",
+            ),
             ("[training]\nadam_beta1 = 1.5\n", "training.adam_beta1"),
             ("[training]\nbatch_size = 0\n", "training.batch_size"),
         ];
@@ -601,17 +696,24 @@ mod tests {
             } else {
                 format!("{MINIMAL}{extra}")
             };
-            let err = JobSpec::load(&write(field, &text), &HashMap::new()).unwrap_err().to_string();
+            let err = JobSpec::load(&write(field, &text), &HashMap::new())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
         let bad_lr = MINIMAL.replace("lr = 2e-5", "lr = -1.0");
-        let err = JobSpec::load(&write("lr", &bad_lr), &HashMap::new()).unwrap_err().to_string();
+        let err = JobSpec::load(&write("lr", &bad_lr), &HashMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("iteration[0].lr"), "{err}");
     }
 
     #[test]
     fn environment_overrides_layer_on_the_file() {
-        let env = HashMap::from([("SPIN_JOB__TRAINING__BATCH_SIZE".to_string(), "3".to_string())]);
+        let env = HashMap::from([(
+            "SPIN_JOB__TRAINING__BATCH_SIZE".to_string(),
+            "3".to_string(),
+        )]);
         let spec = JobSpec::load(&write("env", MINIMAL), &env).unwrap();
         assert_eq!(spec.training.batch_size, 3);
     }
@@ -619,7 +721,11 @@ mod tests {
     #[test]
     fn committed_examples_validate() {
         let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for name in ["sd15-pickapic-spin.toml", "toy-spin.toml", "toy-sft-base.toml"] {
+        for name in [
+            "sd15-pickapic-spin.toml",
+            "toy-spin.toml",
+            "toy-sft-base.toml",
+        ] {
             let path = examples.join(name);
             JobSpec::load(&path, &HashMap::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
         }

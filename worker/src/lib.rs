@@ -11,4 +11,5 @@ pub mod device;
 pub mod pipeline;
 pub mod schedulers;
 pub mod text;
+pub mod toy_model;
 pub mod train;

@@ -30,10 +30,9 @@ pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     /// Its config.
     pub unet_config: UNet2DConditionConfig,
-    /// Frozen autoencoder.
-    pub vae: AutoencoderKL,
-    /// Its config.
-    pub vae_config: AutoencoderKLConfig,
+    /// Frozen autoencoder with its config; `None` for a pixel-space pipeline (the toy model),
+    /// whose UNet denoises images in `[-1, 1]` directly.
+    pub vae: Option<(AutoencoderKL, AutoencoderKLConfig)>,
     /// Noise schedule.
     pub scheduler_config: SchedulerConfig,
 }
@@ -72,7 +71,12 @@ impl StableDiffusion {
         let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))?;
         let (text_encoder, text_config) = ClipTextModel::load(&dir.join("text_encoder"), device)?;
         let (unet, unet_config) = UNet2DConditionModel::load(&dir.join("unet"), device)?;
-        let (vae, vae_config) = AutoencoderKL::load(&dir.join("vae"), device)?;
+        let vae_dir = dir.join("vae");
+        let vae = if vae_dir.exists() {
+            Some(AutoencoderKL::load(&vae_dir, device)?)
+        } else {
+            None
+        };
         let scheduler_config =
             SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
         Ok(Self {
@@ -83,7 +87,6 @@ impl StableDiffusion {
             unet,
             unet_config,
             vae,
-            vae_config,
             scheduler_config,
         })
     }
@@ -135,21 +138,54 @@ impl StableDiffusion {
         negative_prompt: Option<&str>,
         latents: Tensor<4>,
         options: &SampleOptions,
-        mut progress: impl FnMut(usize, usize),
+        progress: impl FnMut(usize, usize),
     ) -> Result<Tensor<4>, ModelError> {
         let device = latents.device();
+        let cond = self.encode_prompts(&[prompt], &device)?;
+        let uncond = self.encode_prompts(&[negative_prompt.unwrap_or("")], &device)?;
+        Ok(self
+            .denoise(&cond, &uncond, latents, options, false, progress)
+            .latents)
+    }
+
+    /// The batched DDIM loop: `latents` `[N, C, H, W]`, conditional and unconditional text
+    /// states `[N or 1, L, D]`. With `record`, the state entering every step is kept (the
+    /// opponent's trajectory for the trajectory objectives), as `[N, S, C, H, W]`.
+    pub fn denoise(
+        &self,
+        cond: &Tensor<3>,
+        uncond: &Tensor<3>,
+        latents: Tensor<4>,
+        options: &SampleOptions,
+        record: bool,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Denoised {
+        let device = latents.device();
+        let n = latents.dims()[0];
+        let expand = |t: &Tensor<3>| {
+            let [b, l, d] = t.dims();
+            if b == n {
+                t.clone()
+            } else {
+                t.clone().slice([0..1]).expand([n, l, d])
+            }
+        };
         let guided = options.guidance > 1.0;
+        // diffusers' order: unconditional half first.
         let context = if guided {
-            // diffusers' order: unconditional half first.
-            self.encode_prompts(&[negative_prompt.unwrap_or(""), prompt], &device)?
+            Tensor::cat(vec![expand(uncond), expand(cond)], 0)
         } else {
-            self.encode_prompts(&[prompt], &device)?
+            expand(cond)
         };
         let scheduler = DdimScheduler::new(&self.scheduler_config, options.steps);
         let mut latents = latents;
+        let mut states = Vec::new();
         let steps = scheduler.timesteps().len();
         for (i, &t) in scheduler.timesteps().iter().enumerate() {
-            let batch = if guided { 2 } else { 1 };
+            if record {
+                states.push(latents.clone());
+            }
+            let batch = if guided { 2 * n } else { n };
             let input = if guided {
                 Tensor::cat(vec![latents.clone(), latents.clone()], 0)
             } else {
@@ -159,11 +195,8 @@ impl StableDiffusion {
                 Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), &device);
             let noise_pred = self.unet.forward(input, timesteps, context.clone());
             let noise_pred = if guided {
-                let mut halves = noise_pred.chunk(2, 0).into_iter();
-                let (uncond, cond) = match (halves.next(), halves.next()) {
-                    (Some(u), Some(c)) => (u, c),
-                    _ => unreachable!("a batch of two splits in two"),
-                };
+                let uncond = noise_pred.clone().slice([0..n]);
+                let cond = noise_pred.slice([n..2 * n]);
                 uncond.clone() + (cond - uncond) * options.guidance
             } else {
                 noise_pred
@@ -178,14 +211,33 @@ impl StableDiffusion {
             latents = scheduler.step(noise_pred, t, latents, options.eta, noise);
             progress(i + 1, steps);
         }
-        Ok(latents)
+        let trajectory = record.then(|| Tensor::stack(states, 1));
+        Denoised {
+            latents,
+            trajectory,
+            timesteps: scheduler.timesteps().to_vec(),
+        }
     }
 
     /// Latents `[N, C, h, w]` (as sampled, before scaling) -> images `[N, 3, H, W]` in `[0, 1]`.
     pub fn decode_latents(&self, latents: Tensor<4>) -> Tensor<4> {
-        let image = self.vae.decode(latents / self.vae_config.scaling_factor);
+        let image = match &self.vae {
+            Some((vae, config)) => vae.decode(latents / config.scaling_factor),
+            None => latents,
+        };
         (image / 2.0 + 0.5).clamp(0.0, 1.0)
     }
+}
+
+/// What the DDIM loop produced.
+#[derive(Clone, Debug)]
+pub struct Denoised {
+    /// Final latents `[N, C, H, W]`.
+    pub latents: Tensor<4>,
+    /// States entering each step, `[N, S, C, H, W]`, when recorded.
+    pub trajectory: Option<Tensor<5>>,
+    /// The schedule's timesteps, descending.
+    pub timesteps: Vec<usize>,
 }
 
 /// Standard normal noise of `shape` drawn from a seeded ChaCha stream, so the same seed gives

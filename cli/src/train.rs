@@ -1,0 +1,131 @@
+//! `spinctl train --local JOB.toml`, `make-toy-dataset` and `init-toy-model`: the whole
+//! self-play loop in this process, and the synthetic data and model it is shown on.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use spin_common::spec::JobSpec;
+use spin_worker::device::parse_device;
+use spin_worker::train::self_play::{run_local, TrainEvent};
+
+/// Arguments of `spinctl train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Run in this process (no coordinator).
+    #[arg(long)]
+    local: bool,
+    /// The job spec (TOML).
+    spec: PathBuf,
+    /// Compute device: flex (CPU), wgpu or cuda when built with those features.
+    #[arg(long, default_value = "flex")]
+    device: String,
+}
+
+/// Runs `spinctl train --local`.
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    if !args.local {
+        bail!("only `spinctl train --local` exists so far; submitting to a coordinator is `spinctl submit` (not built yet)");
+    }
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let spec = JobSpec::load(&args.spec, &env)?;
+    let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    tracing::info!(job = %spec.name, objective = ?spec.training.objective, iterations = spec.iterations.len(), output = %spec.output.display(), "starting local run");
+    let summary =
+        run_local(&spec, &device, log_event).with_context(|| format!("job {}", spec.name))?;
+    println!("job {} done", spec.name);
+    for (snapshot, metrics) in summary.snapshots.iter().zip(summary.metrics.iter().skip(1)) {
+        println!(
+            "  {}  held-out loss {:.5}  MMD {:.5}  grid {}",
+            snapshot.display(),
+            metrics.held_out_loss,
+            metrics.mmd,
+            metrics.grid.display()
+        );
+    }
+    println!("  metrics: {}", spec.output.join("metrics.json").display());
+    Ok(())
+}
+
+fn log_event(event: &TrainEvent) {
+    match event {
+        TrainEvent::Phase(phase) => tracing::info!(%phase, "phase"),
+        TrainEvent::Sampling {
+            iteration,
+            done,
+            total,
+        } => {
+            tracing::info!(iteration, done, total, "sampling opponents")
+        }
+        TrainEvent::Step {
+            iteration,
+            step,
+            steps,
+            loss,
+            lr,
+            grad_norm,
+            images_per_sec,
+        } => tracing::info!(
+            iteration,
+            step,
+            steps,
+            loss = format!("{loss:.5}"),
+            lr,
+            grad_norm = format!("{grad_norm:.4}"),
+            images_per_sec = format!("{images_per_sec:.1}"),
+            "step"
+        ),
+        TrainEvent::Skipped {
+            iteration,
+            step,
+            reason,
+        } => tracing::warn!(iteration, step, %reason, "step skipped"),
+        TrainEvent::Snapshot { iteration, dir } => {
+            tracing::info!(iteration, dir = %dir.display(), "snapshot published")
+        }
+        TrainEvent::Metrics(m) => {
+            tracing::info!(iteration = m.iteration, held_out_loss = format!("{:.5}", m.held_out_loss), mmd = format!("{:.5}", m.mmd), grid = %m.grid.display(), "evaluation")
+        }
+    }
+}
+
+/// Arguments of `spinctl make-toy-dataset`.
+#[derive(clap::Args, Debug)]
+pub struct ToyDatasetArgs {
+    /// Output folder for the parquet shards.
+    #[arg(long)]
+    out: PathBuf,
+    /// Rows (preference pairs) to write.
+    #[arg(long, default_value_t = 512)]
+    rows: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Runs `spinctl make-toy-dataset`.
+pub fn make_toy_dataset(args: ToyDatasetArgs) -> anyhow::Result<()> {
+    let files = spin_common::toy::write_toy_dataset(&args.out, args.rows, args.seed)?;
+    for file in files {
+        println!("wrote {}", file.display());
+    }
+    Ok(())
+}
+
+/// Arguments of `spinctl init-toy-model`.
+#[derive(clap::Args, Debug)]
+pub struct ToyModelArgs {
+    /// Output pipeline folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Runs `spinctl init-toy-model`.
+pub fn init_toy_model(args: ToyModelArgs) -> anyhow::Result<()> {
+    spin_worker::toy_model::write_toy_pipeline(&args.out, &burn::tensor::Device::flex())?;
+    println!(
+        "wrote randomly initialised toy pipeline {}",
+        args.out.display()
+    );
+    Ok(())
+}
