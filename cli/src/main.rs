@@ -1,5 +1,6 @@
 //! `spinctl`: the spin-diffusion command line.
 
+mod demo;
 mod sample;
 mod train;
 
@@ -18,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a small SPIN job on the synthetic dataset, start to end, in this process.
+    Demo(demo::DemoArgs),
     /// Generate images from a diffusers pipeline folder with DDIM.
     Sample(sample::SampleArgs),
     /// Run a SPIN job: `--local` runs the whole self-play loop in this process.
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Train(args) => train::run(args),
         Command::MakeToyDataset(args) => train::make_toy_dataset(args),

@@ -47,7 +47,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn log_event(event: &TrainEvent) {
+/// Logs one training event with tracing.
+pub fn log_event(event: &TrainEvent) {
     match event {
         TrainEvent::Phase(phase) => tracing::info!(%phase, "phase"),
         TrainEvent::Sampling {

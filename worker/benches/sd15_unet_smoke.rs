@@ -22,7 +22,10 @@ fn main() {
     // The first forward also materialises the lazily initialised random weights.
     let out = unet.forward(latents.clone(), timesteps.clone(), context.clone());
     let _ = out.sum().into_scalar::<f32>();
-    println!("  first forward incl. weight init: {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "  first forward incl. weight init: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     let started = Instant::now();
     let out = unet.forward(latents, timesteps, context);
@@ -46,5 +49,8 @@ fn peak_memory() -> String {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
-        .map_or_else(|| "unknown (no /proc)".to_string(), |kb| format!("{:.2} GiB", kb / 1024.0 / 1024.0))
+        .map_or_else(
+            || "unknown (no /proc)".to_string(),
+            |kb| format!("{:.2} GiB", kb / 1024.0 / 1024.0),
+        )
 }

@@ -111,6 +111,7 @@ pub fn loss_and_grads(
         reference,
         config,
         schedule,
+        tracked: theta.devices().iter().any(Device::is_autodiff),
     };
     let out = match config.objective {
         Objective::Sft => ctx.sft(batch),
@@ -129,6 +130,8 @@ struct Context<'a> {
     reference: &'a UNet2DConditionModel,
     config: &'a ObjectiveConfig,
     schedule: &'a NoiseSchedule,
+    /// theta is on an autodiff device.
+    tracked: bool,
 }
 
 impl Context<'_> {
@@ -171,14 +174,31 @@ impl Context<'_> {
     }
 
     /// Runs theta (tracked) and the reference (constant) on the same inputs.
+    ///
+    /// When theta is tracked, the reference runs on autodiff tensors too (untracked constants:
+    /// no graph is recorded, and its output is taken back off autodiff), so that both models go
+    /// through the same kernels. The plain backend's fused ops (attention) round differently
+    /// from the autodiff backend's decompositions, about 1e-6 per output; `beta` (thousands)
+    /// would turn that into a nonzero `z` at theta = theta_k, where D must be exactly 0 and the
+    /// logistic loss exactly log 2 (DESIGN.md §1).
     fn both(&self, x: Tensor<4>, t: &[usize], context: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
         let device = x.device();
         let timesteps = self.timesteps(t, &device);
-        let reference = self.reference.forward(
-            x.clone().inner(),
-            timesteps.clone().inner(),
-            context.clone().inner(),
-        );
+        let reference = if self.tracked {
+            self.reference
+                .forward(
+                    x.clone().inner().autodiff(),
+                    timesteps.clone().inner().autodiff(),
+                    context.clone().inner().autodiff(),
+                )
+                .inner()
+        } else {
+            self.reference.forward(
+                x.clone().inner(),
+                timesteps.clone().inner(),
+                context.clone().inner(),
+            )
+        };
         let theta = self.theta.forward(x, timesteps, context);
         (theta, reference)
     }
@@ -207,7 +227,7 @@ impl Context<'_> {
         let err_theta = self.reduce_sq(noise.clone(), theta);
         let err_ref = self.reduce_sq(noise.inner(), reference);
         let diff = err_theta - err_ref;
-        let d = diff.clone().slice([0..b]) - diff.slice([b..2 * b]);
+        let d = diff.clone().slice(0..b) - diff.slice(b..2 * b);
         let coefficient = if self.config.objective == Objective::Dpo {
             self.config.beta / 2.0
         } else {
@@ -271,9 +291,9 @@ impl Context<'_> {
         let x = Tensor::cat(vec![x_win, states], 0);
         let context = Tensor::cat(vec![context.clone(), context], 0);
         let (theta, reference) = self.both(x, &t2, context);
-        let win = self.reduce_sq(eps.clone(), theta.clone().slice([0..b]))
-            - self.reduce_sq(eps.inner(), reference.clone().slice([0..b]));
-        let lose = self.reduce_sq(reference.slice([b..2 * b]), theta.slice([b..2 * b]));
+        let win = self.reduce_sq(eps.clone(), theta.clone().slice(0..b))
+            - self.reduce_sq(eps.inner(), reference.clone().slice(0..b));
+        let lose = self.reduce_sq(reference.slice(b..2 * b), theta.slice(b..2 * b));
         win - lose
     }
 
@@ -313,6 +333,7 @@ impl Context<'_> {
         let theta_plain = self.theta.valid();
         let plain = Context {
             theta: &theta_plain,
+            tracked: false,
             ..*self
         };
         let mut z = vec![0.0f64; b];
