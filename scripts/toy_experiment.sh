@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -p spinctl
-spinctl=target/debug/spinctl
+# A private copy: a rebuild during the run must not swap the binary under it.
+spinctl="${TMPDIR:-/tmp}/spinctl-toy-$$"
+cp target/debug/spinctl "$spinctl"
 [ -e spin-runs/toy/data/toy-00000.parquet ] || $spinctl make-toy-dataset --out spin-runs/toy/data --rows 1024 --seed 0
 [ -e spin-runs/toy/init/model_index.json ] || $spinctl init-toy-model --out spin-runs/toy/init
 if [ ! -e spin-runs/toy/base/manifest.json ]; then

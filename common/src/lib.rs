@@ -4,9 +4,11 @@
 //! images; [`toy`] writes the synthetic dataset in the same schema; [`spec`] is the job spec.
 
 pub mod dataset;
+pub mod ids;
 pub mod manifest;
 pub mod metrics;
 pub mod plan;
+pub mod proto;
 pub mod seeds;
 pub mod spec;
 pub mod toy;

@@ -13,3 +13,4 @@ pub mod schedulers;
 pub mod text;
 pub mod toy_model;
 pub mod train;
+pub mod collective;
