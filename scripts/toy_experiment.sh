@@ -8,10 +8,11 @@
 # then prints the table of held-out denoising loss and MMD per iteration (docs/toy-experiment.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -p spinctl
 # A private copy: a rebuild during the run must not swap the binary under it.
+# SPINCTL=path skips the build and uses that binary.
 spinctl="${TMPDIR:-/tmp}/spinctl-toy-$$"
-cp target/debug/spinctl "$spinctl"
+if [ -z "${SPINCTL:-}" ]; then cargo build -p spinctl; SPINCTL=target/debug/spinctl; fi
+cp "$SPINCTL" "$spinctl"
 [ -e spin-runs/toy/data/toy-00000.parquet ] || $spinctl make-toy-dataset --out spin-runs/toy/data --rows 1024 --seed 0
 [ -e spin-runs/toy/init/model_index.json ] || $spinctl init-toy-model --out spin-runs/toy/init
 if [ ! -e spin-runs/toy/base/manifest.json ]; then
