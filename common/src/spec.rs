@@ -452,7 +452,7 @@ impl RawJobSpec {
             ));
         }
         let resolution = self.data.resolution.unwrap_or(512);
-        if !(8..=4096).contains(&resolution) || resolution % 8 != 0 {
+        if !(8..=4096).contains(&resolution) || !resolution.is_multiple_of(8) {
             return Err(invalid(
                 "data.resolution",
                 resolution,
