@@ -7,10 +7,10 @@ pub mod nn;
 pub mod weights;
 
 pub use error::ModelError;
+pub mod collective;
 pub mod device;
 pub mod pipeline;
 pub mod schedulers;
 pub mod text;
 pub mod toy_model;
 pub mod train;
-pub mod collective;
