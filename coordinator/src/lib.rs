@@ -3,12 +3,111 @@
 //! The core is pure and tested without a network: [`state`] is the job state machine,
 //! [`shards`] cuts prompts into shards, [`lease`] hands shards out with expiring leases,
 //! [`membership`] tracks workers and forms the ring, [`journal`] makes jobs survive a restart,
-//! and [`convert`] maps the core's types to the `spin.v1` wire messages. The tonic services
-//! are thin adapters over these.
+//! and [`convert`] maps the core's types to the `spin.v1` wire messages. [`coordinator`] holds
+//! the live state, [`service`] adapts it to gRPC, and [`run`] serves it on a listener the
+//! caller bound.
 
+pub mod config;
 pub mod convert;
+pub mod coordinator;
+pub mod error;
+pub mod events;
 pub mod journal;
 pub mod lease;
 pub mod membership;
+pub mod service;
 pub mod shards;
 pub mod state;
+
+use std::future::Future;
+use std::time::Instant;
+
+use spin_common::proto::v1::control_service_server::ControlServiceServer;
+use spin_common::proto::v1::job_service_server::JobServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use crate::config::CoordinatorConfig;
+pub use crate::coordinator::Coordinator;
+use crate::journal::JournalError;
+use crate::service::control::ControlApi;
+use crate::service::job::JobApi;
+
+/// Why the coordinator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The journal could not be opened or read.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The settings were refused.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Opens the journal named by `config`, then serves on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let config = config.validate()?;
+    let coordinator = Coordinator::open(config)?;
+    serve(coordinator, listener, shutdown).await
+}
+
+/// Serves `JobService`, `ControlService` and `grpc.health.v1` for `coordinator` on `listener`
+/// until `shutdown` resolves; a background tick sweeps lost workers and expired leases.
+pub async fn serve(
+    coordinator: Coordinator,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<JobServiceServer<JobApi>>().await;
+    reporter
+        .set_serving::<ControlServiceServer<ControlApi>>()
+        .await;
+
+    let ticker = tokio::spawn(tick_loop(coordinator.clone()));
+    let stopping = coordinator.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("coordinator shutting down");
+        reporter.set_not_serving::<JobServiceServer<JobApi>>().await;
+        stopping.close("coordinator shutting down");
+    };
+    let address = listener.local_addr().ok();
+    tracing::info!(?address, "coordinator serving");
+    let served = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(JobServiceServer::new(JobApi::new(coordinator.clone())))
+        .add_service(ControlServiceServer::new(ControlApi::new(
+            coordinator.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await;
+    ticker.abort();
+    served.map_err(Into::into)
+}
+
+/// Calls [`Coordinator::tick`] every `tick_interval`, on the blocking pool (it may write the
+/// journal), until the coordinator closes.
+async fn tick_loop(coordinator: Coordinator) {
+    let mut interval = tokio::time::interval(coordinator.config().tick_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let closing = coordinator.closed();
+    tokio::pin!(closing);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = &mut closing => return,
+        }
+        let c = coordinator.clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || c.tick(Instant::now())).await {
+            tracing::error!(error = %err, "coordinator tick panicked");
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The coordinator's live state behind one mutex: the journal, membership, per-job lease
+//! tables, per-job event logs and the worker sessions. Methods are synchronous and hold the
+//! lock briefly; the tonic services call the ones that touch the journal off the async runtime.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use spin_common::ids::{JobId, WorkerId};
+use spin_common::proto::{unix_ms, v1};
+use spin_common::spec::JobSpec;
+use tokio::sync::{broadcast, mpsc, watch};
+use v1::job_event::Event;
+
+use crate::config::CoordinatorConfig;
+use crate::convert::job_status;
+use crate::error::ServiceError;
+use crate::events::EventLog;
+use crate::journal::{JobRecord, Journal, JournalError, TransitionRecord};
+use crate::lease::LeaseTable;
+use crate::membership::{Device, Member, Membership};
+use crate::state::{JobShape, JobState, Trigger};
+
+/// A handle on the coordinator; clones share one state.
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: CoordinatorConfig,
+    state: Mutex<State>,
+    closing: watch::Sender<bool>,
+}
+
+struct State {
+    journal: Journal,
+    membership: Membership,
+    /// Leases of the shards of each job's current phase.
+    leases: HashMap<JobId, LeaseTable>,
+    events: HashMap<JobId, EventLog>,
+    last_step: HashMap<JobId, v1::StepMetrics>,
+    sessions: HashMap<WorkerId, Session>,
+    next_session: u64,
+    /// The job the workers are assigned to (one job at a time).
+    active: Option<JobId>,
+}
+
+struct Session {
+    id: u64,
+    tx: mpsc::Sender<v1::CoordinatorMessage>,
+    job: Option<JobId>,
+}
+
+/// What a new watcher gets: the kept events it asked for, then the live ones.
+pub struct Watch {
+    /// Kept events from the requested sequence on.
+    pub backlog: Vec<v1::JobEvent>,
+    /// Events pushed after the backlog was taken.
+    pub live: broadcast::Receiver<v1::JobEvent>,
+}
+
+/// An open worker session, as the control service holds it.
+pub struct SessionHandle {
+    /// Tells this session from a later one of the same worker.
+    pub id: u64,
+    /// Messages for the worker.
+    pub outbound: mpsc::Receiver<v1::CoordinatorMessage>,
+}
+
+fn now_ms() -> i64 {
+    unix_ms(SystemTime::now())
+}
+
+impl Coordinator {
+    /// Opens the journal named by `config` and rebuilds each job's event log from it.
+    pub fn open(config: CoordinatorConfig) -> Result<Self, JournalError> {
+        let journal = Journal::open(&config.journal_path)?;
+        let mut events = HashMap::new();
+        for job in journal.jobs()? {
+            let mut log = EventLog::new(job.id.to_string(), config.event_history);
+            log.push(job.submitted_at_ms, submitted_event());
+            for record in journal.transitions(job.id)? {
+                push_transition(&mut log, &job, &record);
+            }
+            events.insert(job.id, log);
+        }
+        let state = State {
+            journal,
+            membership: Membership::new(config.heartbeat_timeout),
+            leases: HashMap::new(),
+            events,
+            last_step: HashMap::new(),
+            sessions: HashMap::new(),
+            next_session: 0,
+            active: None,
+        };
+        let (closing, _) = watch::channel(false);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                state: Mutex::new(state),
+                closing,
+            }),
+        })
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.shared.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic under the lock leaves plain data behind; going on is safer than a cascade.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Journals a validated job (submitted as `spec_toml`) as pending and announces it.
+    pub fn submit(&self, spec: &JobSpec, spec_toml: String) -> Result<JobId, ServiceError> {
+        let id = JobId::new();
+        let at = now_ms();
+        let record = JobRecord::pending(id, spec.name.clone(), spec_toml, JobShape::of(spec), at);
+        let mut state = self.lock();
+        state.journal.accept(&record)?;
+        let mut log = EventLog::new(id.to_string(), self.shared.config.event_history);
+        log.push(at, submitted_event());
+        state.events.insert(id, log);
+        tracing::info!(job = %id, name = %spec.name, "job accepted");
+        Ok(id)
+    }
+
+    /// The wire status of job `id`.
+    pub fn job(&self, id: JobId) -> Result<v1::JobStatus, ServiceError> {
+        let state = self.lock();
+        let job = state.journal.job(id)?.ok_or(ServiceError::UnknownJob(id))?;
+        Ok(state.status(&job))
+    }
+
+    /// Every job, newest submission first.
+    pub fn jobs(&self) -> Result<Vec<v1::JobStatus>, ServiceError> {
+        let state = self.lock();
+        let jobs = state.journal.jobs()?;
+        Ok(jobs.iter().rev().map(|j| state.status(j)).collect())
+    }
+
+    /// Cancels job `id`; a finished job keeps its state. Returns the state after.
+    pub fn cancel(&self, id: JobId) -> Result<JobState, ServiceError> {
+        let mut state = self.lock();
+        let job = state.journal.job(id)?.ok_or(ServiceError::UnknownJob(id))?;
+        if job.state.is_terminal() {
+            return Ok(job.state);
+        }
+        let record = state.apply(&job, Trigger::Cancel)?;
+        tracing::info!(job = %id, "job cancelled");
+        Ok(record.to)
+    }
+
+    /// Starts watching job `id` from event `from`.
+    pub fn watch(&self, id: JobId, from: u64) -> Result<Watch, ServiceError> {
+        let state = self.lock();
+        let log = state.events.get(&id).ok_or(ServiceError::UnknownJob(id))?;
+        // Under one lock: nothing pushed between the backlog and the subscription is lost.
+        Ok(Watch {
+            backlog: log.since(from),
+            live: log.subscribe(),
+        })
+    }
+
+    /// Job `id`'s kept events from `from` on (a lagging watcher catching up).
+    pub fn events_since(&self, id: JobId, from: u64) -> Vec<v1::JobEvent> {
+        self.lock()
+            .events
+            .get(&id)
+            .map(|log| log.since(from))
+            .unwrap_or_default()
+    }
+
+    /// Admits a worker whose collective service is at `address`.
+    pub fn register_worker(
+        &self,
+        address: String,
+        device: Device,
+        now: Instant,
+    ) -> Result<WorkerId, ServiceError> {
+        let id = WorkerId::new();
+        self.lock()
+            .membership
+            .register(id, address.clone(), device, now)?;
+        tracing::info!(worker = %id, %address, "worker registered");
+        Ok(id)
+    }
+
+    /// A registered worker, if it is (still) a member.
+    pub fn worker(&self, id: WorkerId) -> Option<Member> {
+        self.lock().membership.get(id).cloned()
+    }
+
+    /// Opens `worker`'s session (replacing an older one) and assigns it the active job.
+    pub fn open_session(
+        &self,
+        worker: WorkerId,
+        now: Instant,
+    ) -> Result<SessionHandle, ServiceError> {
+        if *self.shared.closing.borrow() {
+            return Err(ServiceError::ShuttingDown);
+        }
+        let mut state = self.lock();
+        state.membership.heartbeat(worker, now)?;
+        let (tx, outbound) = mpsc::channel(self.shared.config.session_buffer);
+        let id = state.next_session;
+        state.next_session += 1;
+        state.sessions.insert(worker, Session { id, tx, job: None });
+        let device = state
+            .membership
+            .get(worker)
+            .map(|m| m.device.clone().into());
+        let world = state.world();
+        state.broadcast_live(Event::WorkerJoined(v1::WorkerJoined {
+            worker_id: worker.to_string(),
+            device,
+            world,
+        }));
+        if let Some(job) = state.active {
+            if let Err(reason) = state.assign(worker, job) {
+                state.lose(worker, &reason);
+            }
+        }
+        tracing::info!(worker = %worker, session = id, "session opened");
+        Ok(SessionHandle { id, outbound })
+    }
+
+    /// Records a heartbeat of `worker`'s session `session`; renews its leases.
+    pub fn heartbeat(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        now: Instant,
+    ) -> Result<(), ServiceError> {
+        let mut state = self.lock();
+        state.check_session(worker, session)?;
+        state.membership.heartbeat(worker, now)?;
+        for table in state.leases.values_mut() {
+            table.renew(worker, now);
+        }
+        Ok(())
+    }
+
+    /// Records step metrics reported by `worker` for its assigned job.
+    pub fn report_step(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        metrics: v1::StepMetrics,
+    ) -> Result<(), ServiceError> {
+        let mut state = self.lock();
+        state.check_session(worker, session)?;
+        let Some(job) = state.sessions.get(&worker).and_then(|s| s.job) else {
+            return Err(ServiceError::Protocol(format!(
+                "worker {worker} reported a step but has no job"
+            )));
+        };
+        state.last_step.insert(job, metrics);
+        if let Some(log) = state.events.get_mut(&job) {
+            log.push(now_ms(), Event::Step(metrics));
+        }
+        Ok(())
+    }
+
+    /// Ends `worker`'s session `session` (its stream broke or ended): the worker is lost. A
+    /// session already replaced by a newer one ends quietly.
+    pub fn end_session(&self, worker: WorkerId, session: u64, reason: &str) {
+        let mut state = self.lock();
+        if state.sessions.get(&worker).is_some_and(|s| s.id == session) {
+            state.lose(worker, reason);
+        }
+    }
+
+    /// Sweeps workers silent past the heartbeat timeout and expired leases, then starts the
+    /// oldest pending job if workers are connected and none is active.
+    pub fn tick(&self, now: Instant) {
+        let mut state = self.lock();
+        for member in state.membership.sweep(now) {
+            state.lose(member.id, "missed heartbeats");
+        }
+        for (job, table) in &mut state.leases {
+            for (shard, worker) in table.expire(now) {
+                tracing::warn!(job = %job, %shard, worker = %worker, "lease expired; shard reopened");
+            }
+        }
+        if let Err(err) = state.start_next() {
+            tracing::error!(error = %err, "could not start a pending job");
+        }
+    }
+
+    /// Tells every worker to stop, ends every session and every watcher.
+    pub fn close(&self, reason: &str) {
+        self.shared.closing.send_replace(true);
+        let mut state = self.lock();
+        for (_, session) in state.sessions.drain() {
+            let _ = session.tx.try_send(v1::CoordinatorMessage {
+                message: Some(v1::coordinator_message::Message::Shutdown(v1::Shutdown {
+                    reason: reason.to_string(),
+                })),
+            });
+        }
+    }
+
+    /// Resolves once the coordinator shuts down.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shared.closing.subscribe();
+        async move {
+            loop {
+                let closing = *rx.borrow_and_update();
+                if closing || rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    fn status(&self, job: &JobRecord) -> v1::JobStatus {
+        let workers = self
+            .sessions
+            .values()
+            .filter(|s| s.job == Some(job.id))
+            .count();
+        job_status(
+            job,
+            u32::try_from(workers).unwrap_or(u32::MAX),
+            self.last_step.get(&job.id).copied(),
+        )
+    }
+
+    /// Workers with an open session.
+    fn world(&self) -> u32 {
+        u32::try_from(self.sessions.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Journals `trigger` on `job` and announces the transition.
+    fn apply(
+        &mut self,
+        job: &JobRecord,
+        trigger: Trigger,
+    ) -> Result<TransitionRecord, ServiceError> {
+        let record = self.journal.apply(job.id, trigger, now_ms())?;
+        let mut job = job.clone();
+        if let Trigger::Fail { reason } = &record.trigger {
+            job.error = Some(reason.clone());
+        }
+        if let Some(log) = self.events.get_mut(&job.id) {
+            push_transition(log, &job, &record);
+        }
+        if record.to.is_terminal() {
+            self.leases.remove(&job.id);
+            if self.active == Some(job.id) {
+                self.active = None;
+                for session in self.sessions.values_mut() {
+                    session.job = None;
+                }
+            }
+        }
+        Ok(record)
+    }
+
+    fn check_session(&self, worker: WorkerId, session: u64) -> Result<(), ServiceError> {
+        match self.sessions.get(&worker) {
+            Some(s) if s.id == session => Ok(()),
+            Some(_) => Err(ServiceError::Protocol(format!(
+                "worker {worker} opened a newer session"
+            ))),
+            None => Err(ServiceError::UnknownWorker(worker)),
+        }
+    }
+
+    /// Sends `worker` the job and marks it assigned; `Err` names why the worker is stuck.
+    fn assign(&mut self, worker: WorkerId, job: JobId) -> Result<(), String> {
+        let spec_toml = self
+            .journal
+            .job(job)
+            .map_err(|e| e.to_string())?
+            .map(|j| j.spec_toml)
+            .unwrap_or_default();
+        let Some(session) = self.sessions.get_mut(&worker) else {
+            return Ok(());
+        };
+        let message = v1::CoordinatorMessage {
+            message: Some(v1::coordinator_message::Message::AssignJob(v1::AssignJob {
+                job_id: job.to_string(),
+                spec_toml,
+                store_prefix: format!("jobs/{job}"),
+            })),
+        };
+        session
+            .tx
+            .try_send(message)
+            .map_err(|e| format!("session channel refused the job assignment: {e}"))?;
+        session.job = Some(job);
+        Ok(())
+    }
+
+    /// Starts the oldest pending job when workers are connected and no job is active.
+    fn start_next(&mut self) -> Result<(), ServiceError> {
+        if self.active.is_some() || self.sessions.is_empty() {
+            return Ok(());
+        }
+        let live = self.journal.live_jobs()?;
+        let Some(job) = live.into_iter().find(|j| j.state == JobState::Pending) else {
+            return Ok(());
+        };
+        self.apply(&job, Trigger::Start)?;
+        self.active = Some(job.id);
+        tracing::info!(job = %job.id, workers = self.sessions.len(), "job started");
+        let workers: Vec<WorkerId> = self.sessions.keys().copied().collect();
+        for worker in workers {
+            if let Err(reason) = self.assign(worker, job.id) {
+                self.lose(worker, &reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets `worker`: its session ends, its leases reopen, live jobs hear of it.
+    fn lose(&mut self, worker: WorkerId, reason: &str) {
+        self.sessions.remove(&worker);
+        let _ = self.membership.remove(worker);
+        for table in self.leases.values_mut() {
+            table.release_worker(worker);
+        }
+        tracing::warn!(worker = %worker, reason, "worker lost");
+        let world = self.world();
+        self.broadcast_live(Event::WorkerLost(v1::WorkerLost {
+            worker_id: worker.to_string(),
+            reason: reason.to_string(),
+            world,
+        }));
+    }
+
+    /// Pushes `event` to every job that has not ended.
+    fn broadcast_live(&mut self, event: Event) {
+        let live: Vec<JobId> = match self.journal.live_jobs() {
+            Ok(jobs) => jobs.into_iter().map(|j| j.id).collect(),
+            Err(err) => {
+                tracing::error!(error = %err, "journal read failed; event not announced");
+                return;
+            }
+        };
+        let at = now_ms();
+        for id in live {
+            if let Some(log) = self.events.get_mut(&id) {
+                log.push(at, event.clone());
+            }
+        }
+    }
+}
+
+/// The first event of every job: it entered `PENDING`.
+fn submitted_event() -> Event {
+    Event::PhaseChanged(v1::PhaseChanged {
+        from: None,
+        to: Some(JobState::Pending.into()),
+    })
+}
+
+/// The events of one transition: the phase change, then how the job ended if it did.
+fn push_transition(log: &mut EventLog, job: &JobRecord, record: &TransitionRecord) {
+    log.push(
+        record.at_ms,
+        Event::PhaseChanged(v1::PhaseChanged {
+            from: Some(record.from.into()),
+            to: Some(record.to.into()),
+        }),
+    );
+    let end = match record.to {
+        JobState::Done => Some(Event::Done(v1::JobDone {
+            model_path: format!("jobs/{}/final", job.id),
+        })),
+        JobState::Failed => Some(Event::Failed(v1::JobFailed {
+            error: match &record.trigger {
+                Trigger::Fail { reason } => reason.clone(),
+                _ => job.error.clone().unwrap_or_default(),
+            },
+        })),
+        JobState::Cancelled => Some(Event::Cancelled(v1::JobCancelled {
+            reason: "cancelled on request".into(),
+        })),
+        _ => None,
+    };
+    if let Some(event) = end {
+        log.push(record.at_ms, event);
+    }
+}

@@ -1,0 +1,187 @@
+//! `ControlService`: workers register, then hold one bidirectional session: the first message
+//! is `hello`, heartbeats keep the worker a member, tasks come down a bounded per-worker
+//! channel, and a broken or finished stream loses the worker.
+
+use std::time::{Duration, Instant};
+
+use spin_common::ids::WorkerId;
+use spin_common::proto::{parse_id, v1};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use v1::worker_message::Message;
+
+use super::non_empty;
+use crate::coordinator::Coordinator;
+use crate::error::ServiceError;
+
+/// The `spin.v1.ControlService` implementation: only a handle on the coordinator.
+#[derive(Clone)]
+pub struct ControlApi {
+    coordinator: Coordinator,
+}
+
+impl ControlApi {
+    /// A service over `coordinator`.
+    pub fn new(coordinator: Coordinator) -> Self {
+        Self { coordinator }
+    }
+
+    /// How often workers are asked to send heartbeats: three per timeout.
+    fn heartbeat_interval(&self) -> Duration {
+        self.coordinator.config().heartbeat_timeout / 3
+    }
+}
+
+/// The worker id of a session's first message.
+fn hello(first: Option<v1::WorkerMessage>) -> Result<WorkerId, ServiceError> {
+    match first.and_then(|m| m.message) {
+        Some(Message::Hello(hello)) => {
+            non_empty("Hello.worker_id", &hello.worker_id)?;
+            Ok(parse_id("Hello.worker_id", &hello.worker_id)?)
+        }
+        Some(_) => Err(ServiceError::Protocol(
+            "the first message of a session must be `hello`".into(),
+        )),
+        None => Err(ServiceError::Protocol(
+            "the stream ended before `hello`".into(),
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl v1::control_service_server::ControlService for ControlApi {
+    async fn register_worker(
+        &self,
+        request: Request<v1::RegisterWorkerRequest>,
+    ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
+        let request = request.into_inner();
+        let address = non_empty(
+            "RegisterWorkerRequest.collective_address",
+            &request.collective_address,
+        )?
+        .to_string();
+        let device = request.device.map(Into::into).unwrap_or_default();
+        let id = self
+            .coordinator
+            .register_worker(address, device, Instant::now())?;
+        Ok(Response::new(v1::RegisterWorkerResponse {
+            worker_id: id.to_string(),
+            heartbeat_interval_ms: u32::try_from(self.heartbeat_interval().as_millis())
+                .unwrap_or(u32::MAX),
+        }))
+    }
+
+    type SessionStream = ReceiverStream<Result<v1::CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        // A worker that connects but never says hello is dropped after a heartbeat timeout.
+        let first = tokio::time::timeout(
+            self.coordinator.config().heartbeat_timeout,
+            inbound.message(),
+        )
+        .await
+        .map_err(|_| ServiceError::Protocol("no `hello` within the heartbeat timeout".into()))?
+        .map_err(|status| {
+            ServiceError::Protocol(format!("stream broke before `hello`: {status}"))
+        })?;
+        let worker = hello(first)?;
+        let session = self.coordinator.open_session(worker, Instant::now())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(self.coordinator.config().session_buffer);
+        let coordinator = self.coordinator.clone();
+        tokio::spawn(async move {
+            let mut outbound = session.outbound;
+            let closing = coordinator.closed();
+            tokio::pin!(closing);
+            let reason = loop {
+                tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(message)) => {
+                            if let Err(err) = handle(&coordinator, worker, session.id, message) {
+                                let _ = tx.send(Err(err.into())).await;
+                                break "session protocol error".to_string();
+                            }
+                        }
+                        Ok(None) => break "session closed by the worker".to_string(),
+                        Err(status) => break format!("session broke: {}", status.message()),
+                    },
+                    down = outbound.recv() => match down {
+                        Some(message) => {
+                            if tx.send(Ok(message)).await.is_err() {
+                                break "session closed by the worker".to_string();
+                            }
+                        }
+                        // The coordinator dropped the session (lost, replaced or shutting down).
+                        None => break "session ended by the coordinator".to_string(),
+                    },
+                    () = &mut closing => {
+                        // Deliver the goodbye already queued, then end.
+                        while let Ok(message) = outbound.try_recv() {
+                            let _ = tx.send(Ok(message)).await;
+                        }
+                        break "the coordinator is shutting down".to_string();
+                    }
+                }
+            };
+            coordinator.end_session(worker, session.id, &reason);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Applies one message of `worker`'s session.
+fn handle(
+    coordinator: &Coordinator,
+    worker: WorkerId,
+    session: u64,
+    message: v1::WorkerMessage,
+) -> Result<(), ServiceError> {
+    match message.message {
+        Some(Message::Heartbeat(_)) => coordinator.heartbeat(worker, session, Instant::now()),
+        Some(Message::Step(metrics)) => {
+            coordinator.heartbeat(worker, session, Instant::now())?;
+            coordinator.report_step(worker, session, metrics)
+        }
+        Some(Message::Progress(p)) => {
+            tracing::debug!(worker = %worker, task = %p.task_id, done = p.done, total = p.total, "task progress");
+            coordinator.heartbeat(worker, session, Instant::now())
+        }
+        Some(Message::Result(r)) => {
+            // Task dispatch is not wired yet: results are only logged.
+            tracing::info!(worker = %worker, task = %r.task_id, "task result");
+            coordinator.heartbeat(worker, session, Instant::now())
+        }
+        Some(Message::Hello(_)) => Err(ServiceError::Protocol(
+            "`hello` may only open a session".into(),
+        )),
+        None => Err(ServiceError::Protocol("empty worker message".into())),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_must_open_with_a_well_formed_hello() {
+        let id = WorkerId::new();
+        let msg = |m| Some(v1::WorkerMessage { message: Some(m) });
+        let ok = hello(msg(Message::Hello(v1::Hello {
+            worker_id: id.to_string(),
+        })));
+        assert_eq!(ok.unwrap(), id);
+        let err = hello(msg(Message::Hello(v1::Hello::default())))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Hello.worker_id"), "{err}");
+        let err = hello(msg(Message::Heartbeat(v1::Heartbeat::default())))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hello"), "{err}");
+        assert!(hello(None).is_err());
+    }
+}
