@@ -6,11 +6,14 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Distribution, Tensor, TensorData};
 use spin_worker::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 
 fn main() {
-    let device = Device::flex();
+    // SPIN_DEVICE: flex (default), or wgpu / cuda in builds with those features.
+    let device_name = std::env::var("SPIN_DEVICE").unwrap_or_else(|_| "flex".into());
+    let device = spin_worker::device::parse_device(&device_name).expect("SPIN_DEVICE");
+    println!("device: {device_name}");
     let config = UNet2DConditionConfig::default();
     let started = Instant::now();
     let unet = UNet2DConditionModel::new(&config, &device).expect("SD-1.5 config is valid");
@@ -28,7 +31,7 @@ fn main() {
     );
 
     let started = Instant::now();
-    let out = unet.forward(latents, timesteps, context);
+    let out = unet.forward(latents.clone(), timesteps.clone(), context.clone());
     let dims = out.dims();
     let checksum = out.sum().into_scalar::<f32>();
     println!(

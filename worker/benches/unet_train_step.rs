@@ -26,8 +26,16 @@ struct Split {
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let device = Device::flex().autodiff();
+    // SPIN_REPO: the repository root when the binary runs elsewhere than it was built.
+    let root = std::env::var_os("SPIN_REPO").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+        PathBuf::from,
+    );
+    // SPIN_DEVICE: flex (default), or wgpu / cuda in builds with those features.
+    let device_name = std::env::var("SPIN_DEVICE").unwrap_or_else(|_| "flex".into());
+    let device = spin_worker::device::parse_device(&device_name)
+        .expect("SPIN_DEVICE")
+        .autodiff();
     let (mut unet, config) =
         UNet2DConditionModel::load(&root.join("worker/tests/fixtures/tiny-a/unet"), &device)
             .expect("tiny-a unet");
@@ -101,12 +109,12 @@ fn main() {
 
     println!("tiny-a UNet train step, batch {BATCH}, latents {channels}x{size}x{size}, context [{BATCH}, 77, {context_dim}]");
     println!(
-        "  burn flex ({threads} threads): {ours:.1} ms/step (median of {STEPS}; forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms)",
+        "  burn {device_name} ({threads} CPU threads): {ours:.1} ms/step (median of {STEPS}; forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms)",
         median.forward.as_secs_f64() * 1e3,
         median.backward.as_secs_f64() * 1e3,
         median.optimizer.as_secs_f64() * 1e3
     );
-    match pytorch_ms(&root, threads) {
+    match pytorch_ms(&root, threads).filter(|_| device_name == "flex") {
         Some((torch, source)) => {
             println!("  pytorch ({source}): {torch:.1} ms/step");
             println!("  ratio burn / pytorch: {:.2}x (goal <= 1.00x)", ours / torch);
