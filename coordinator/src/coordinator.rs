@@ -121,9 +121,12 @@ impl Coordinator {
     /// Journals a validated job (submitted as `spec_toml`) as pending and announces it.
     pub fn submit(&self, spec: &JobSpec, spec_toml: String) -> Result<JobId, ServiceError> {
         let id = JobId::new();
-        let at = now_ms();
-        let record = JobRecord::pending(id, spec.name.clone(), spec_toml, JobShape::of(spec), at);
         let mut state = self.lock();
+        // Submission times are strictly increasing, so "newest first" is the order of
+        // acceptance even for jobs submitted within the same millisecond.
+        let latest = state.journal.jobs()?.last().map_or(i64::MIN, |j| j.submitted_at_ms);
+        let at = now_ms().max(latest.saturating_add(1));
+        let record = JobRecord::pending(id, spec.name.clone(), spec_toml, JobShape::of(spec), at);
         state.journal.accept(&record)?;
         let mut log = EventLog::new(id.to_string(), self.shared.config.event_history);
         log.push(at, submitted_event());
