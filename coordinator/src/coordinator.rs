@@ -124,7 +124,11 @@ impl Coordinator {
         let mut state = self.lock();
         // Submission times are strictly increasing, so "newest first" is the order of
         // acceptance even for jobs submitted within the same millisecond.
-        let latest = state.journal.jobs()?.last().map_or(i64::MIN, |j| j.submitted_at_ms);
+        let latest = state
+            .journal
+            .jobs()?
+            .last()
+            .map_or(i64::MIN, |j| j.submitted_at_ms);
         let at = now_ms().max(latest.saturating_add(1));
         let record = JobRecord::pending(id, spec.name.clone(), spec_toml, JobShape::of(spec), at);
         state.journal.accept(&record)?;
