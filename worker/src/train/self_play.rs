@@ -486,7 +486,6 @@ fn evaluate(
 ) -> Result<Metrics, TrainError> {
     let [c, h, w] = data.latent_shape;
     let [l, d] = data.context_shape;
-    let per = c * h * w;
     let held = &data.held_out;
     let n = held.len();
     let mut loss = 0.0;
@@ -562,7 +561,7 @@ fn evaluate(
     let real: Vec<Vec<f32>> = held
         .iter()
         .take(count)
-        .map(|e| real_pixels(e, pipeline, per))
+        .map(|e| real_pixels(e, pipeline, device))
         .collect();
     let mmd = spin_common::metrics::mmd_rbf(&generated, &real);
     let dir = spec.output.join(format!("eval-{iteration}"));
@@ -592,16 +591,15 @@ fn evaluate(
 fn real_pixels(
     example: &super::data::Example,
     pipeline: &StableDiffusion,
-    _per: usize,
+    device: &Device,
 ) -> Vec<f32> {
     match &pipeline.vae {
         None => example.winner.mean[0].clone(),
         Some(_) => {
-            let device = Device::flex();
             let [c, h, w] = pipeline.latent_shape();
             let latents = Tensor::<4>::from_data(
                 TensorData::new(example.winner.mean[0].clone(), [1, c, h, w]),
-                &device,
+                device,
             );
             to_vec(pipeline.decode_latents(latents) * 2.0 - 1.0)
         }
