@@ -10,5 +10,7 @@ pub mod metrics;
 pub mod plan;
 pub mod proto;
 pub mod seeds;
+pub mod shards;
 pub mod spec;
+pub mod store;
 pub mod toy;

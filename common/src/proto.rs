@@ -165,13 +165,16 @@ mod tests {
     fn messages_round_trip_through_the_wire_format() {
         let chunk = v1::ChunkMessage {
             collective_id: "ring-1".into(),
+            sender_rank: 0,
             round: 2,
-            step: 7,
             bucket: 3,
             phase: v1::RingPhase::AllGather as i32,
+            ring_step: 1,
             chunk: 1,
-            sender_rank: 0,
+            piece: 0,
             payload: encode_f32(&[0.5, 0.25]),
+            abort: false,
+            alive: Vec::new(),
         };
         let decoded = v1::ChunkMessage::decode(chunk.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, chunk);

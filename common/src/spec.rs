@@ -178,6 +178,8 @@ pub struct RawSampling {
     pub eta: Option<f64>,
     /// Prompts generated per batch.
     pub batch_size: Option<usize>,
+    /// Prompts per encode and sampling shard (the unit leased to a worker).
+    pub shard_size: Option<usize>,
 }
 
 /// `[training]`.
@@ -194,9 +196,10 @@ pub struct RawTraining {
     pub noise: Option<NoiseMode>,
     /// Error reduction.
     pub reduction: Option<Reduction>,
-    /// Pairs per worker per micro-batch.
+    /// Pairs per micro-batch.
     pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step, shared out over the workers (the global batch is
+    /// `batch_size * gradient_accumulation` whatever the number of workers).
     pub gradient_accumulation: Option<usize>,
     /// Learning-rate shape.
     pub lr_schedule: Option<LrShape>,
@@ -286,6 +289,8 @@ pub struct SamplingSpec {
     pub eta: f64,
     /// Prompts per sampling batch.
     pub batch_size: usize,
+    /// Prompts per encode and sampling shard.
+    pub shard_size: usize,
 }
 
 /// Validated `[training]`.
@@ -472,6 +477,7 @@ impl RawJobSpec {
             guidance: self.sampling.guidance.unwrap_or(7.5),
             eta: self.sampling.eta.unwrap_or(0.0),
             batch_size: self.sampling.batch_size.unwrap_or(8),
+            shard_size: self.sampling.shard_size.unwrap_or(64),
         };
         if !(1..=1000).contains(&sampling.steps) {
             return Err(invalid(
@@ -493,6 +499,13 @@ impl RawJobSpec {
         if sampling.batch_size == 0 {
             return Err(invalid("sampling.batch_size", 0, "must be at least 1"));
         }
+        if !(1..=1_000_000).contains(&sampling.shard_size) {
+            return Err(invalid(
+                "sampling.shard_size",
+                sampling.shard_size,
+                "must be in 1..=1000000",
+            ));
+        }
         let training = TrainingSpec {
             objective: t.objective.unwrap_or_default(),
             loss: t.loss.unwrap_or_default(),
@@ -500,7 +513,8 @@ impl RawJobSpec {
             noise: t.noise.unwrap_or_default(),
             reduction: t.reduction.unwrap_or_default(),
             batch_size: t.batch_size.unwrap_or(8),
-            gradient_accumulation: t.gradient_accumulation.unwrap_or(32),
+            // 8 pairs x 256 micro-batches = the paper's global batch of 2048 (8 GPUs x 8 x 32).
+            gradient_accumulation: t.gradient_accumulation.unwrap_or(256),
             lr_schedule: t.lr_schedule.unwrap_or_default(),
             warmup_steps: t.warmup_steps.unwrap_or(200),
             max_grad_norm: t.max_grad_norm.unwrap_or(1.0),
@@ -628,9 +642,11 @@ impl JobSpec {
         raw.validate(path.parent().unwrap_or(Path::new(".")))
     }
 
-    /// Pairs per optimizer step across `workers` replicas.
-    pub fn global_batch(&self, workers: usize) -> usize {
-        workers * self.training.batch_size * self.training.gradient_accumulation
+    /// Pairs per optimizer step: `batch_size` pairs in each of `gradient_accumulation`
+    /// micro-batches, which the workers share out (micro-batch m goes to rank m mod world).
+    /// It does not depend on the number of workers, so a job gives the same result on any.
+    pub fn global_batch(&self) -> usize {
+        self.training.batch_size * self.training.gradient_accumulation
     }
 }
 
@@ -656,10 +672,7 @@ mod tests {
         assert_eq!(spec.sampling.steps, 50);
         assert_eq!(spec.sampling.guidance, 7.5);
         assert_eq!(spec.training.objective, Objective::Spin);
-        assert_eq!(
-            spec.training.batch_size * spec.training.gradient_accumulation * 8,
-            2048
-        );
+        assert_eq!(spec.global_batch(), 2048);
         assert_eq!(spec.training.warmup_steps, 200);
         assert_eq!(spec.training.max_grad_norm, 1.0);
         assert_eq!(spec.training.weight_decay, 1e-2);

@@ -97,6 +97,7 @@ pub fn encode_task(shard: Shard) -> v1::EncodeShard {
         shard: shard.index,
         first_pair: shard.first,
         end_pair: shard.end,
+        held_out: false,
     }
 }
 

@@ -7,6 +7,7 @@
 //! splits the prompts deterministically.
 
 mod columns;
+pub mod job;
 pub mod pickapic;
 pub mod preprocess;
 pub mod prompts;
@@ -15,6 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use job::{shard_files, JobPrompts};
 pub use pickapic::{
     list_shards, read_pairs, ImageCheck, PickAPicReader, PreferencePair, ReadReport,
     DEFAULT_BATCH_SIZE, REQUIRED_COLUMNS,
