@@ -1,10 +1,7 @@
 //! `spinctl`: the spin-diffusion command line.
 
-mod demo;
-mod sample;
-mod train;
-
 use clap::{Parser, Subcommand};
+use spin_cli::{demo, init_tracing, sample, train};
 
 /// spin-diffusion: SPIN-Diffusion fine-tuning of diffusers text-to-image models.
 #[derive(Parser, Debug)]
@@ -47,18 +44,5 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {err:#}");
             std::process::ExitCode::from(2)
         }
-    }
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

@@ -1,0 +1,21 @@
+//! The spin-diffusion command line as a library: `spinctl`, `spin-coordinator` and
+//! `spin-worker` are thin binaries over these modules.
+
+pub mod demo;
+pub mod sample;
+pub mod train;
+
+/// Installs the tracing subscriber: `text` or `json` lines on stderr, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
