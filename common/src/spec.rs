@@ -395,8 +395,21 @@ impl RawJobSpec {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| parse(e.to_string()))?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// Parses spec `text` (`source` names it in errors) with `overrides` layered on top.
+    pub fn parse(
+        text: &str,
+        source: &Path,
+        overrides: &HashMap<String, String>,
+    ) -> Result<Self, SpecError> {
+        let parse = |message: String| SpecError::Parse {
+            path: source.to_path_buf(),
+            message,
+        };
         let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            .add_source(config::File::from_str(text, config::FileFormat::Toml));
         for (key, value) in overrides {
             builder = builder
                 .set_override(key.as_str(), value.as_str())

@@ -6,18 +6,22 @@
 pub mod blocking;
 pub mod error;
 pub mod frame;
+pub mod grpc;
 pub mod memory;
 pub mod ring;
 pub mod schedule;
+pub mod solo;
 pub mod tcp;
 pub mod transport;
 
 pub use blocking::RingCollective;
 pub use error::CollectiveError;
 pub use frame::{Frame, FrameHeader, Phase};
+pub use grpc::{CollectiveInbox, GrpcOptions, GrpcTransport};
 pub use memory::MemoryTransport;
 pub use ring::{Ring, RingConfig};
 pub use schedule::RingSchedule;
+pub use solo::Solo;
 pub use tcp::{TcpOptions, TcpTransport};
 pub use transport::Transport;
 

@@ -5,6 +5,7 @@ pub mod data;
 pub mod grads;
 pub mod objectives;
 pub mod optim;
+pub mod runner;
 pub mod self_play;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,9 @@ pub enum TrainError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The gradient all-reduce failed (a peer is gone or stalled).
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
     /// The job's inputs are unusable.
     #[error("{0}")]
     Input(String),
