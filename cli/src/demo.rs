@@ -1,15 +1,15 @@
 //! `spinctl demo`: the synthetic dataset and a toy base model (made if absent), then a
-//! 2-iteration SPIN job, all in this process on the CPU.
-//!
-//! It runs the in-process self-play loop (`train --local`); the coordinator + two workers
-//! version of the demo comes with the distributed system.
+//! 2-iteration SPIN job, run the way a cluster runs it: an embedded coordinator (journal and
+//! object store under the demo folder) and two worker daemons in this process, the jobs
+//! submitted over gRPC and followed through the job's event stream.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use spin_common::spec::JobSpec;
-use spin_worker::train::self_play::run_local;
+use anyhow::{bail, Context};
+use spin_common::store::layout;
+
+use crate::cluster::{ClusterOptions, LocalCluster};
+use crate::logs::Outcome;
 
 /// Arguments of `spinctl demo`.
 #[derive(clap::Args, Debug)]
@@ -17,6 +17,9 @@ pub struct DemoArgs {
     /// Where everything goes.
     #[arg(long, default_value = "spin-runs/demo")]
     out: PathBuf,
+    /// Worker daemons to start.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
 }
 
 fn spec_text(out: &Path, base: &Path, objective: &str, iterations: &str, output: &str) -> String {
@@ -35,11 +38,12 @@ max_prompts = 64
 [sampling]
 steps = 8
 guidance = 3.0
-batch_size = 32
+batch_size = 16
+shard_size = 16
 [training]
 objective = "{objective}"
-batch_size = 8
-gradient_accumulation = 1
+batch_size = 4
+gradient_accumulation = 2
 lr_schedule = "constant"
 warmup_steps = 1
 checkpoint_every = 0
@@ -70,53 +74,97 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             init.display()
         );
     }
-    let device = burn::tensor::Device::flex();
-    let run = |name: &str, text: String| -> anyhow::Result<_> {
+    let workers = args.workers.max(1);
+    let cluster = LocalCluster::start(
+        &out.join("cluster"),
+        &ClusterOptions {
+            workers,
+            min_workers: workers,
+            ..ClusterOptions::default()
+        },
+    )?;
+    println!(
+        "coordinator at {} with {workers} workers; object store {}",
+        cluster.url(),
+        cluster.store().display()
+    );
+    let result = demo_jobs(&cluster, &out, &init);
+    cluster.stop();
+    result
+}
+
+fn demo_jobs(cluster: &LocalCluster, out: &Path, init: &Path) -> anyhow::Result<()> {
+    let run = |name: &str, text: String| -> anyhow::Result<PathBuf> {
         let path = out.join(format!("{name}.toml"));
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        let spec = JobSpec::load(&path, &HashMap::new())?;
-        println!(
-            "running {} ({} iteration(s))",
-            spec.name,
-            spec.iterations.len()
-        );
-        run_local(&spec, &device, crate::train::log_event)
-            .with_context(|| format!("job {}", spec.name))
+        std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        let id = cluster.submit(text)?;
+        println!("\nsubmitted {name} ({}) as job {id}", path.display());
+        let outcome = cluster.follow(&id, &mut std::io::stdout())?;
+        match outcome {
+            Outcome::Done { .. } => Ok(cluster.store().join("jobs").join(&id)),
+            Outcome::Failed { error } => bail!("job {id} ({name}) failed: {error}"),
+            Outcome::Cancelled { reason } => bail!("job {id} ({name}) was cancelled: {reason}"),
+            Outcome::Running { .. } => bail!("job {id} ({name}) is still running"),
+        }
     };
     let base = out.join("base");
     if !base.join("manifest.json").exists() {
-        let sft = run(
+        let job = run(
             "base-sft",
             spec_text(
-                &out,
-                &init,
+                out,
+                init,
                 "sft",
                 "[[iteration]]\nlr = 1e-3\nsteps = 12\n",
                 "base-run",
             ),
         )?;
-        let snapshot = sft
-            .snapshots
-            .last()
-            .context("the SFT run wrote no snapshot")?;
+        let snapshot = job.join(layout::snapshot(1));
         if base.exists() {
             std::fs::remove_dir_all(&base).ok();
         }
-        std::fs::rename(snapshot, &base).context("moving the SFT snapshot into place")?;
+        copy_dir(&snapshot, &base).context("copying the SFT snapshot into place")?;
     }
     let iterations = "[[iteration]]\nlr = 1e-4\nbeta = 2000.0\nsteps = 4\n[[iteration]]\nlr = 1e-4\nbeta = 2000.0\nsteps = 4\n";
-    let summary = run("spin", spec_text(&out, &base, "spin", iterations, "spin"))?;
-    println!("\ndemo done: 2 SPIN iterations from the toy base model");
-    for (snapshot, metrics) in summary.snapshots.iter().zip(summary.metrics.iter().skip(1)) {
-        println!("  snapshot {}", snapshot.display());
+    let job = run("spin", spec_text(out, &base, "spin", iterations, "spin"))?;
+    println!(
+        "\ndemo done: 2 SPIN iterations from the toy base model, in {}",
+        job.display()
+    );
+    for k in 0..=2u32 {
+        let metrics = job.join(layout::eval(k)).join("metrics.json");
+        let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let model = if k == 0 {
+            format!("base {}", base.display())
+        } else {
+            format!("snapshot {}", job.join(layout::snapshot(k)).display())
+        };
+        println!("  {model}");
         println!(
             "    held-out loss {:.5}, MMD {:.5}, samples {}",
-            metrics.held_out_loss,
-            metrics.mmd,
-            metrics.grid.display()
+            value["held_out_loss"].as_f64().unwrap_or(f64::NAN),
+            value["mmd"].as_f64().unwrap_or(f64::NAN),
+            job.join(layout::eval(k)).join("samples.png").display()
         );
     }
-    println!("  metrics {}", out.join("spin/metrics.json").display());
-    println!("  try: spinctl sample --model {} --prompt \"a red circle on a blue background\" --guidance 3 --steps 20 --out red-circle.png", summary.snapshots.last().map_or(base.clone(), Clone::clone).display());
+    println!(
+        "  try: spinctl sample --model {} --prompt \"a red circle on a blue background\" --guidance 3 --steps 20 --out red-circle.png",
+        job.join(layout::snapshot(2)).display()
+    );
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
     Ok(())
 }

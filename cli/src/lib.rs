@@ -1,7 +1,10 @@
 //! The spin-diffusion command line as a library: `spinctl`, `spin-coordinator` and
 //! `spin-worker` are thin binaries over these modules.
 
+pub mod client;
+pub mod cluster;
 pub mod demo;
+pub mod logs;
 pub mod sample;
 pub mod train;
 
@@ -12,7 +15,8 @@ pub fn init_tracing(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {

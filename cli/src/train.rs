@@ -66,6 +66,7 @@ pub fn log_event(event: &TrainEvent) {
             lr,
             grad_norm,
             images_per_sec,
+            step_time_s,
         } => tracing::info!(
             iteration,
             step,
@@ -74,6 +75,7 @@ pub fn log_event(event: &TrainEvent) {
             lr,
             grad_norm = format!("{grad_norm:.4}"),
             images_per_sec = format!("{images_per_sec:.1}"),
+            step_time_s = format!("{step_time_s:.3}"),
             "step"
         ),
         TrainEvent::Skipped {

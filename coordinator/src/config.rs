@@ -28,6 +28,11 @@ pub struct CoordinatorConfig {
     pub watch_buffer: usize,
     /// Events kept per job for watchers that join late or lag.
     pub event_history: usize,
+    /// The object store: a directory (or `file://` URL) the coordinator and every worker see;
+    /// job `j` keeps its artifacts under `jobs/j` in it.
+    pub store: String,
+    /// Open worker sessions a pending job waits for before it starts.
+    pub min_workers: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -40,6 +45,8 @@ impl Default for CoordinatorConfig {
             session_buffer: 64,
             watch_buffer: 64,
             event_history: 4096,
+            store: "spin-store".to_string(),
+            min_workers: 1,
         }
     }
 }
@@ -113,6 +120,7 @@ impl CoordinatorConfig {
             (self.session_buffer, "session_buffer"),
             (self.watch_buffer, "watch_buffer"),
             (self.event_history, "event_history"),
+            (self.min_workers, "min_workers"),
         ] {
             if n == 0 {
                 return Err(ConfigError::Invalid {
@@ -120,6 +128,12 @@ impl CoordinatorConfig {
                     reason: "must be at least 1",
                 });
             }
+        }
+        if self.store.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "store",
+                reason: "must name a directory or a file:// URL",
+            });
         }
         Ok(self)
     }
@@ -158,7 +172,7 @@ mod tests {
     fn a_file_and_the_environment_layer_over_the_defaults() {
         let path = write(
             "ok",
-            "journal_path = \"/tmp/j.redb\"\nheartbeat_timeout_ms = 3000\n",
+            "journal_path = \"/tmp/j.redb\"\nheartbeat_timeout_ms = 3000\nstore = \"/tmp/s\"\n",
         );
         let env = HashMap::from([
             (
@@ -172,6 +186,7 @@ mod tests {
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(3));
         assert_eq!(c.lease_duration, Duration::from_secs(9));
         assert_eq!(c.tick_interval, CoordinatorConfig::default().tick_interval);
+        assert_eq!((c.store.as_str(), c.min_workers), ("/tmp/s", 1));
     }
 
     #[test]
@@ -186,5 +201,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tick_interval_ms"), "{err}");
+        for (text, field) in [
+            ("min_workers = 0\n", "min_workers"),
+            ("store = \" \"\n", "store"),
+        ] {
+            let path = write(field, text);
+            let err = CoordinatorConfig::load(Some(&path), &HashMap::new())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
     }
 }

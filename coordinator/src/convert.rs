@@ -112,16 +112,18 @@ pub fn sample_task(shard: Shard, iteration: u32, seed: u64) -> v1::SampleShard {
     }
 }
 
-/// The name of `job`'s ring at `ring`'s generation: chunks of another generation are refused.
-pub fn collective_id(job: JobId, ring: &Ring) -> String {
-    format!("{job}/ring-{}", ring.generation)
+/// The name of the `attempt`-th ring `job` formed (counted over the whole job), in iteration
+/// `iteration` at membership generation `generation`: every ring formed gets a new name, so
+/// chunks of an older ring are never mixed in.
+pub fn collective_id(job: JobId, iteration: u32, generation: u64, attempt: u64) -> String {
+    format!("{job}/iteration-{iteration}/ring-{generation}-{attempt}")
 }
 
-/// The training task of `worker` in `ring` for steps `first..=last` of `iteration`; `None` if
-/// the worker is not in the ring.
+/// The training task of `worker` in `ring` (named `collective_id`) for steps
+/// `first..=last` of `iteration`; `None` if the worker is not in the ring.
 pub fn train_task(
-    job: JobId,
     ring: &Ring,
+    collective_id: &str,
     worker: WorkerId,
     iteration: u32,
     first_step: u64,
@@ -134,7 +136,7 @@ pub fn train_task(
         rank: ring.rank_of(worker)?,
         world: ring.world(),
         peer_addresses: ring.addresses(),
-        collective_id: collective_id(job, ring),
+        collective_id: collective_id.to_string(),
     })
 }
 
@@ -184,11 +186,14 @@ mod tests {
         m.remove(ids[0]).unwrap();
         let ring = m.ring();
         let job = JobId::new();
-        let task = train_task(job, &ring, ids[2], 1, 0, 99).unwrap();
+        let id = collective_id(job, 1, ring.generation, 7);
+        assert_eq!(id, format!("{job}/iteration-1/ring-4-7"));
+        assert_ne!(id, collective_id(job, 1, ring.generation, 8));
+        let task = train_task(&ring, &id, ids[2], 1, 0, 99).unwrap();
         assert_eq!((task.rank, task.world), (1, 2));
         assert_eq!(task.peer_addresses, ["w1:1", "w2:1"]);
-        assert_eq!(task.collective_id, format!("{job}/ring-4"));
-        assert!(train_task(job, &ring, ids[0], 1, 0, 99).is_none());
+        assert_eq!(task.collective_id, id);
+        assert!(train_task(&ring, &id, ids[0], 1, 0, 99).is_none());
     }
 
     #[test]

@@ -1,25 +1,35 @@
-//! The coordinator's live state behind one mutex: the journal, membership, per-job lease
-//! tables, per-job event logs and the worker sessions. Methods are synchronous and hold the
-//! lock briefly; the tonic services call the ones that touch the journal off the async runtime.
+//! The coordinator's live state behind one mutex: the journal, membership, the running job's
+//! dispatch state, per-job event logs and the worker sessions. Methods are synchronous and
+//! hold the lock briefly; the tonic services and the tick call them off the async runtime
+//! (they may write the journal). [`dispatch`](crate::dispatch) decides which task goes where;
+//! this module carries its actions out.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime};
 
+use spin_common::dataset::JobPrompts;
 use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::{unix_ms, v1};
 use spin_common::spec::JobSpec;
+use spin_common::store::{layout, Store};
 use tokio::sync::{broadcast, mpsc, watch};
+use v1::coordinator_message::Message as Down;
 use v1::job_event::Event;
 
 use crate::config::CoordinatorConfig;
 use crate::convert::job_status;
+use crate::dispatch::{JobRun, Plan};
 use crate::error::ServiceError;
 use crate::events::EventLog;
-use crate::journal::{JobRecord, Journal, JournalError, TransitionRecord};
-use crate::lease::LeaseTable;
+use crate::journal::{JobRecord, Journal, TransitionRecord};
 use crate::membership::{Device, Member, Membership};
+use crate::service::job::parse_spec;
 use crate::state::{JobShape, JobState, Trigger};
+use crate::CoordinatorError;
+
+mod running;
 
 /// A handle on the coordinator; clones share one state.
 #[derive(Clone)]
@@ -29,6 +39,7 @@ pub struct Coordinator {
 
 struct Shared {
     config: CoordinatorConfig,
+    store: Store,
     state: Mutex<State>,
     closing: watch::Sender<bool>,
 }
@@ -36,14 +47,20 @@ struct Shared {
 struct State {
     journal: Journal,
     membership: Membership,
-    /// Leases of the shards of each job's current phase.
-    leases: HashMap<JobId, LeaseTable>,
+    /// The object store's directory (jobs live under `jobs/{id}`).
+    store_root: PathBuf,
     events: HashMap<JobId, EventLog>,
     last_step: HashMap<JobId, v1::StepMetrics>,
     sessions: HashMap<WorkerId, Session>,
     next_session: u64,
     /// The job the workers are assigned to (one job at a time).
-    active: Option<JobId>,
+    active: Option<Active>,
+}
+
+/// The running job.
+struct Active {
+    run: JobRun,
+    spec_toml: String,
 }
 
 struct Session {
@@ -73,22 +90,25 @@ fn now_ms() -> i64 {
 }
 
 impl Coordinator {
-    /// Opens the journal named by `config` and rebuilds each job's event log from it.
-    pub fn open(config: CoordinatorConfig) -> Result<Self, JournalError> {
+    /// Opens the journal and the object store named by `config` and rebuilds each job's
+    /// event log from the journal.
+    pub fn open(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
         let journal = Journal::open(&config.journal_path)?;
+        let store = Store::open(&config.store)?;
+        let store_root = store.root().to_path_buf();
         let mut events = HashMap::new();
         for job in journal.jobs()? {
             let mut log = EventLog::new(job.id.to_string(), config.event_history);
             log.push(job.submitted_at_ms, submitted_event());
             for record in journal.transitions(job.id)? {
-                push_transition(&mut log, &job, &record);
+                push_transition(&mut log, &job, &record, &store_root);
             }
             events.insert(job.id, log);
         }
         let state = State {
             journal,
             membership: Membership::new(config.heartbeat_timeout),
-            leases: HashMap::new(),
+            store_root,
             events,
             last_step: HashMap::new(),
             sessions: HashMap::new(),
@@ -99,6 +119,7 @@ impl Coordinator {
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
+                store,
                 state: Mutex::new(state),
                 closing,
             }),
@@ -205,7 +226,7 @@ impl Coordinator {
         self.lock().membership.get(id).cloned()
     }
 
-    /// Opens `worker`'s session (replacing an older one) and assigns it the active job.
+    /// Opens `worker`'s session (replacing an older one) and assigns it the running job.
     pub fn open_session(
         &self,
         worker: WorkerId,
@@ -219,7 +240,14 @@ impl Coordinator {
         let (tx, outbound) = mpsc::channel(self.shared.config.session_buffer);
         let id = state.next_session;
         state.next_session += 1;
-        state.sessions.insert(worker, Session { id, tx, job: None });
+        let replaced = state.sessions.insert(worker, Session { id, tx, job: None });
+        // A worker that opens a new session has dropped what the old one was running.
+        let mut actions = Vec::new();
+        if let (Some(_), Some(active)) = (replaced, state.active.as_mut()) {
+            actions = active
+                .run
+                .on_lost(worker, "the worker opened a new session");
+        }
         let device = state
             .membership
             .get(worker)
@@ -230,11 +258,10 @@ impl Coordinator {
             device,
             world,
         }));
-        if let Some(job) = state.active {
-            if let Err(reason) = state.assign(worker, job) {
-                state.lose(worker, &reason);
-            }
+        if let Err(reason) = state.assign(worker) {
+            actions.extend(state.forget(worker, &reason));
         }
+        state.drive(actions, now);
         tracing::info!(worker = %worker, session = id, "session opened");
         Ok(SessionHandle { id, outbound })
     }
@@ -249,8 +276,8 @@ impl Coordinator {
         let mut state = self.lock();
         state.check_session(worker, session)?;
         state.membership.heartbeat(worker, now)?;
-        for table in state.leases.values_mut() {
-            table.renew(worker, now);
+        if let Some(active) = &mut state.active {
+            active.run.renew(worker, now);
         }
         Ok(())
     }
@@ -276,30 +303,105 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Applies the result of a task `worker` ran (and counts it as a heartbeat); the worker
+    /// gets its next task. Results for a job that ended, or for unknown or stale tasks, are
+    /// ignored. May write the journal: call it off the async runtime.
+    pub fn task_result(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        result: v1::TaskResult,
+        now: Instant,
+    ) -> Result<(), ServiceError> {
+        let mut state = self.lock();
+        state.check_session(worker, session)?;
+        state.membership.heartbeat(worker, now)?;
+        let job = state.sessions.get(&worker).and_then(|s| s.job);
+        let actions = match state.active.as_mut() {
+            Some(active) if job == Some(active.run.job()) => {
+                active.run.renew(worker, now);
+                active.run.on_result(worker, result)
+            }
+            _ => {
+                tracing::debug!(worker = %worker, task = %result.task_id, "result for no running job ignored");
+                return Ok(());
+            }
+        };
+        state.drive(actions, now);
+        Ok(())
+    }
+
     /// Ends `worker`'s session `session` (its stream broke or ended): the worker is lost. A
-    /// session already replaced by a newer one ends quietly.
+    /// session already replaced by a newer one ends quietly. May write the journal.
     pub fn end_session(&self, worker: WorkerId, session: u64, reason: &str) {
         let mut state = self.lock();
         if state.sessions.get(&worker).is_some_and(|s| s.id == session) {
-            state.lose(worker, reason);
+            state.lose(worker, reason, Instant::now());
         }
     }
 
-    /// Sweeps workers silent past the heartbeat timeout and expired leases, then starts the
-    /// oldest pending job if workers are connected and none is active.
+    /// Sweeps workers silent past the heartbeat timeout and expired leases, hands idle workers
+    /// tasks, then starts the oldest pending job if none is running and at least `min_workers`
+    /// sessions are open. Runs on the blocking pool: it writes the journal and reads datasets.
     pub fn tick(&self, now: Instant) {
-        let mut state = self.lock();
-        for member in state.membership.sweep(now) {
-            state.lose(member.id, "missed heartbeats");
-        }
-        for (job, table) in &mut state.leases {
-            for (shard, worker) in table.expire(now) {
-                tracing::warn!(job = %job, %shard, worker = %worker, "lease expired; shard reopened");
+        {
+            let mut state = self.lock();
+            for member in state.membership.sweep(now) {
+                state.lose(member.id, "missed heartbeats", now);
             }
+            if let Some(active) = &mut state.active {
+                let job = active.run.job();
+                for (shard, worker) in active.run.expire(now) {
+                    tracing::warn!(job = %job, shard, worker = %worker, "lease expired; shard reopened");
+                }
+            }
+            state.drive(Vec::new(), now);
         }
-        if let Err(err) = state.start_next() {
-            tracing::error!(error = %err, "could not start a pending job");
+        self.start_next(now);
+    }
+
+    /// Starts the oldest pending job when it may start. The dataset is read without the lock
+    /// held; the job starts only if nothing changed meanwhile.
+    fn start_next(&self, now: Instant) {
+        let min_workers = self.shared.config.min_workers;
+        let job = match self.lock().startable(min_workers) {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::error!(error = %err, "could not look for a pending job");
+                return;
+            }
+        };
+        let prepared = self.prepare(&job);
+        let mut state = self.lock();
+        match state.startable(min_workers) {
+            Ok(Some(still)) if still.id == job.id => {}
+            _ => return,
         }
+        if let Err(err) = state.start(&job, prepared, now) {
+            tracing::error!(job = %job.id, error = %err, "could not start a pending job");
+        }
+    }
+
+    /// The dispatch state of `job`: its spec parsed, its prompts read and cut into shards, its
+    /// store directory made. `Err` says why the job cannot run.
+    fn prepare(&self, job: &JobRecord) -> Result<JobRun, String> {
+        let spec = parse_spec(&job.spec_toml).map_err(|e| format!("job spec: {e}"))?;
+        let prompts = JobPrompts::read(&spec).map_err(|e| format!("dataset: {e}"))?;
+        let dir = self
+            .shared
+            .store
+            .sub(&format!("jobs/{}", job.id))
+            .map_err(|e| format!("object store: {e}"))?;
+        let plan = Plan::new(
+            &spec,
+            prompts.train.len(),
+            prompts.held_out.len(),
+            dir.root().to_path_buf(),
+        )
+        .map_err(|e| format!("shard plan (sampling.shard_size): {e}"))?;
+        tracing::info!(job = %job.id, train = prompts.train.len(), held_out = prompts.held_out.len(), shards = plan.shards.len(), "job planned");
+        Ok(JobRun::new(job.id, plan, self.shared.config.lease_duration))
     }
 
     /// Tells every worker to stop, ends every session and every watcher.
@@ -308,7 +410,7 @@ impl Coordinator {
         let mut state = self.lock();
         for (_, session) in state.sessions.drain() {
             let _ = session.tx.try_send(v1::CoordinatorMessage {
-                message: Some(v1::coordinator_message::Message::Shutdown(v1::Shutdown {
+                message: Some(Down::Shutdown(v1::Shutdown {
                     reason: reason.to_string(),
                 })),
             });
@@ -348,7 +450,14 @@ impl State {
         u32::try_from(self.sessions.len()).unwrap_or(u32::MAX)
     }
 
-    /// Journals `trigger` on `job` and announces the transition.
+    /// The running job's id.
+    fn active_job(&self) -> Option<JobId> {
+        self.active.as_ref().map(|a| a.run.job())
+    }
+
+    /// Journals `trigger` on `job` and announces the transition. When the running job ends,
+    /// its dispatch state is dropped and, if it failed or was cancelled, its workers are told
+    /// to drop its tasks.
     fn apply(
         &mut self,
         job: &JobRecord,
@@ -360,18 +469,40 @@ impl State {
             job.error = Some(reason.clone());
         }
         if let Some(log) = self.events.get_mut(&job.id) {
-            push_transition(log, &job, &record);
+            push_transition(log, &job, &record, &self.store_root);
         }
-        if record.to.is_terminal() {
-            self.leases.remove(&job.id);
-            if self.active == Some(job.id) {
-                self.active = None;
-                for session in self.sessions.values_mut() {
-                    session.job = None;
+        if record.to.is_terminal() && self.active_job() == Some(job.id) {
+            self.active = None;
+            let cancel = match &record.trigger {
+                Trigger::Fail { reason } => Some(reason.clone()),
+                Trigger::Cancel => Some(CANCELLED.to_string()),
+                _ => None,
+            };
+            for (worker, session) in &mut self.sessions {
+                if session.job != Some(job.id) {
+                    continue;
+                }
+                session.job = None;
+                if let Some(reason) = &cancel {
+                    let message = v1::CoordinatorMessage {
+                        message: Some(Down::Cancel(v1::CancelTasks {
+                            job_id: job.id.to_string(),
+                            reason: reason.clone(),
+                        })),
+                    };
+                    if let Err(err) = session.tx.try_send(message) {
+                        tracing::warn!(worker = %worker, error = %err, "could not tell a worker to cancel its tasks");
+                    }
                 }
             }
         }
         Ok(record)
+    }
+
+    /// Journals `trigger` on job `id`; returns the state after.
+    fn apply_to(&mut self, id: JobId, trigger: Trigger) -> Result<JobState, ServiceError> {
+        let job = self.journal.job(id)?.ok_or(ServiceError::UnknownJob(id))?;
+        Ok(self.apply(&job, trigger)?.to)
     }
 
     fn check_session(&self, worker: WorkerId, session: u64) -> Result<(), ServiceError> {
@@ -382,69 +513,6 @@ impl State {
             ))),
             None => Err(ServiceError::UnknownWorker(worker)),
         }
-    }
-
-    /// Sends `worker` the job and marks it assigned; `Err` names why the worker is stuck.
-    fn assign(&mut self, worker: WorkerId, job: JobId) -> Result<(), String> {
-        let spec_toml = self
-            .journal
-            .job(job)
-            .map_err(|e| e.to_string())?
-            .map(|j| j.spec_toml)
-            .unwrap_or_default();
-        let Some(session) = self.sessions.get_mut(&worker) else {
-            return Ok(());
-        };
-        let message = v1::CoordinatorMessage {
-            message: Some(v1::coordinator_message::Message::AssignJob(v1::AssignJob {
-                job_id: job.to_string(),
-                spec_toml,
-                store_prefix: format!("jobs/{job}"),
-            })),
-        };
-        session
-            .tx
-            .try_send(message)
-            .map_err(|e| format!("session channel refused the job assignment: {e}"))?;
-        session.job = Some(job);
-        Ok(())
-    }
-
-    /// Starts the oldest pending job when workers are connected and no job is active.
-    fn start_next(&mut self) -> Result<(), ServiceError> {
-        if self.active.is_some() || self.sessions.is_empty() {
-            return Ok(());
-        }
-        let live = self.journal.live_jobs()?;
-        let Some(job) = live.into_iter().find(|j| j.state == JobState::Pending) else {
-            return Ok(());
-        };
-        self.apply(&job, Trigger::Start)?;
-        self.active = Some(job.id);
-        tracing::info!(job = %job.id, workers = self.sessions.len(), "job started");
-        let workers: Vec<WorkerId> = self.sessions.keys().copied().collect();
-        for worker in workers {
-            if let Err(reason) = self.assign(worker, job.id) {
-                self.lose(worker, &reason);
-            }
-        }
-        Ok(())
-    }
-
-    /// Forgets `worker`: its session ends, its leases reopen, live jobs hear of it.
-    fn lose(&mut self, worker: WorkerId, reason: &str) {
-        self.sessions.remove(&worker);
-        let _ = self.membership.remove(worker);
-        for table in self.leases.values_mut() {
-            table.release_worker(worker);
-        }
-        tracing::warn!(worker = %worker, reason, "worker lost");
-        let world = self.world();
-        self.broadcast_live(Event::WorkerLost(v1::WorkerLost {
-            worker_id: worker.to_string(),
-            reason: reason.to_string(),
-            world,
-        }));
     }
 
     /// Pushes `event` to every job that has not ended.
@@ -465,6 +533,14 @@ impl State {
     }
 }
 
+/// Why a cancelled job's tasks are dropped.
+const CANCELLED: &str = "cancelled on request";
+
+/// The store directory of `job` under the store at `store_root`.
+fn job_dir(store_root: &Path, job: JobId) -> PathBuf {
+    store_root.join("jobs").join(job.to_string())
+}
+
 /// The first event of every job: it entered `PENDING`.
 fn submitted_event() -> Event {
     Event::PhaseChanged(v1::PhaseChanged {
@@ -473,8 +549,14 @@ fn submitted_event() -> Event {
     })
 }
 
-/// The events of one transition: the phase change, then how the job ended if it did.
-fn push_transition(log: &mut EventLog, job: &JobRecord, record: &TransitionRecord) {
+/// The events of one transition: the phase change, then how the job ended if it did. A done
+/// job's model is the last snapshot in its store directory under `store_root`.
+fn push_transition(
+    log: &mut EventLog,
+    job: &JobRecord,
+    record: &TransitionRecord,
+    store_root: &Path,
+) {
     log.push(
         record.at_ms,
         Event::PhaseChanged(v1::PhaseChanged {
@@ -484,7 +566,10 @@ fn push_transition(log: &mut EventLog, job: &JobRecord, record: &TransitionRecor
     );
     let end = match record.to {
         JobState::Done => Some(Event::Done(v1::JobDone {
-            model_path: format!("jobs/{}/final", job.id),
+            model_path: job_dir(store_root, job.id)
+                .join(layout::snapshot(job.shape.iterations))
+                .display()
+                .to_string(),
         })),
         JobState::Failed => Some(Event::Failed(v1::JobFailed {
             error: match &record.trigger {
@@ -493,7 +578,7 @@ fn push_transition(log: &mut EventLog, job: &JobRecord, record: &TransitionRecor
             },
         })),
         JobState::Cancelled => Some(Event::Cancelled(v1::JobCancelled {
-            reason: "cancelled on request".into(),
+            reason: CANCELLED.into(),
         })),
         _ => None,
     };

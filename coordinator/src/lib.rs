@@ -3,13 +3,15 @@
 //! The core is pure and tested without a network: [`state`] is the job state machine,
 //! [`shards`] cuts prompts into shards, [`lease`] hands shards out with expiring leases,
 //! [`membership`] tracks workers and forms the ring, [`journal`] makes jobs survive a restart,
-//! and [`convert`] maps the core's types to the `spin.v1` wire messages. [`coordinator`] holds
-//! the live state, [`service`] adapts it to gRPC, and [`run`] serves it on a listener the
-//! caller bound.
+//! [`dispatch`] decides which worker runs which task of the running job and what each result
+//! changes, and [`convert`] maps the core's types to the `spin.v1` wire messages.
+//! [`coordinator`] holds the live state and carries dispatch out, [`service`] adapts it to
+//! gRPC, and [`run`] serves it on a listener the caller bound.
 
 pub mod config;
 pub mod convert;
 pub mod coordinator;
+pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod journal;
@@ -42,6 +44,9 @@ pub enum CoordinatorError {
     /// The settings were refused.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The object store could not be opened.
+    #[error(transparent)]
+    Store(#[from] spin_common::store::StoreError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),

@@ -207,6 +207,11 @@ impl Membership {
         self.members.is_empty()
     }
 
+    /// The ring's generation: it moves on whenever a worker joins or leaves.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The current ring.
     pub fn ring(&self) -> Ring {
         Ring {

@@ -49,6 +49,7 @@ impl Sandbox {
         std::fs::create_dir_all(&dir).unwrap();
         let config = CoordinatorConfig {
             journal_path: dir.join("journal.redb"),
+            store: dir.join("store").display().to_string(),
             heartbeat_timeout: Duration::from_millis(600),
             tick_interval: Duration::from_millis(50),
             ..CoordinatorConfig::default()
@@ -67,6 +68,13 @@ impl Sandbox {
             stop: Some(stop),
             server: Some(server),
         }
+    }
+
+    /// A spec whose dataset exists (a job that starts needs one): toy rows in the sandbox.
+    fn runnable_spec(&self) -> String {
+        let data = self.dir.join("data");
+        spin_common::toy::write_toy_dataset(&data, 8, 1).unwrap();
+        MINIMAL.replace("\"data\"", &format!("\"{}\"", data.display()))
     }
 
     async fn channel(&self) -> Channel {
@@ -347,7 +355,7 @@ async fn heartbeats_keep_a_worker_and_a_dropped_session_loses_it() {
     let mut worker = join(&mut control).await;
 
     // A pending job is started once a worker is connected, and assigned to it.
-    let job = submit(&mut jobs, MINIMAL).await;
+    let job = submit(&mut jobs, &sandbox.runnable_spec()).await;
     let assigned = t(worker.down.message()).await.unwrap().unwrap();
     match assigned.message {
         Some(coordinator_message::Message::AssignJob(a)) => {
@@ -399,7 +407,7 @@ async fn a_silent_worker_is_lost_and_its_session_ended() {
     let sandbox = Sandbox::start("silent").await;
     let mut control = sandbox.control().await;
     let mut jobs = sandbox.jobs().await;
-    let job = submit(&mut jobs, MINIMAL).await;
+    let job = submit(&mut jobs, &sandbox.runnable_spec()).await;
     let mut events = t(jobs.watch_job(v1::WatchJobRequest {
         job_id: job,
         from_sequence: 0,

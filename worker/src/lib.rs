@@ -3,6 +3,7 @@
 //! daemon that runs tasks for the coordinator.
 
 pub mod collective;
+pub mod daemon;
 
 pub mod device;
 pub mod error;

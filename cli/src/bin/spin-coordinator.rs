@@ -1,19 +1,19 @@
 //! `spin-coordinator`: binds the listen address, reads the settings and runs the coordinator
-//! until ctrl-c.
+//! until ctrl-c or SIGTERM; `--address-file` tells scripts and tests the bound port.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
-use spin_coordinator::CoordinatorConfig;
+use spin_coordinator::{Coordinator, CoordinatorConfig};
 
 /// The spin-diffusion coordinator.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to serve gRPC on.
+    /// Address to serve gRPC on (port 0: any free port; see --address-file).
     #[arg(long, env = "SPIN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Journal file (overrides the config's `journal_path`).
@@ -22,35 +22,78 @@ struct Args {
     /// Settings file (TOML); `SPIN_COORDINATOR__*` variables override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Log as JSON lines.
+    /// Once the journal is open and the port bound, write the bound address (`host:port`) to
+    /// this file, atomically; it is removed on a clean exit.
     #[arg(long)]
-    json_logs: bool,
+    address_file: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.json_logs {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    spin_cli::init_tracing(&args.log_format);
     let env: HashMap<String, String> = std::env::vars().collect();
     let mut config = CoordinatorConfig::load(args.config.as_deref(), &env)?;
     if let Some(journal) = args.journal {
         config.journal_path = journal;
     }
+    let config = config.validate()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let shutdown = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot wait for ctrl-c; shutting down");
+    let coordinator = Coordinator::open(config)?;
+    if let Some(path) = &args.address_file {
+        let address = listener.local_addr().context("reading the bound address")?;
+        write_atomically(path, &format!("{address}\n"))?;
+    }
+    let served = spin_coordinator::serve(coordinator, listener, shutdown_signal()).await;
+    if let Some(path) = &args.address_file {
+        // A stale file would send the next reader to a dead port.
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(served?)
+}
+
+/// Writes `text` to a temporary file beside `path`, then renames it over `path`, so a reader
+/// sees either no file or the whole address.
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut name = path
+        .file_name()
+        .with_context(|| format!("address file {} names no file", path.display()))?
+        .to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    let temp = path.with_file_name(name);
+    std::fs::write(&temp, text).with_context(|| format!("writing {}", temp.display()))?;
+    std::fs::rename(&temp, path)
+        .with_context(|| format!("renaming {} to {}", temp.display(), path.display()))
+}
+
+/// Resolves on ctrl-c or, on Unix, SIGTERM (what `kill` and container runtimes send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot wait for SIGTERM; ctrl-c still stops");
+                std::future::pending::<()>().await;
+            }
         }
     };
-    spin_coordinator::run(config, listener, shutdown).await?;
-    Ok(())
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if let Err(err) = result {
+                tracing::error!(error = %err, "cannot wait for ctrl-c; shutting down");
+            }
+        }
+        () = terminate => {}
+    }
 }

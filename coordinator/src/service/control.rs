@@ -1,6 +1,7 @@
 //! `ControlService`: workers register, then hold one bidirectional session: the first message
 //! is `hello`, heartbeats keep the worker a member, tasks come down a bounded per-worker
-//! channel, and a broken or finished stream loses the worker.
+//! channel, results go to the coordinator's dispatch, and a broken or finished stream loses
+//! the worker.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use v1::worker_message::Message;
 
-use super::non_empty;
+use super::{blocking, non_empty};
 use crate::coordinator::Coordinator;
 use crate::error::ServiceError;
 
@@ -89,7 +90,8 @@ impl v1::control_service_server::ControlService for ControlApi {
             ServiceError::Protocol(format!("stream broke before `hello`: {status}"))
         })?;
         let worker = hello(first)?;
-        let session = self.coordinator.open_session(worker, Instant::now())?;
+        let c = self.coordinator.clone();
+        let session = blocking(move || c.open_session(worker, Instant::now())).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(self.coordinator.config().session_buffer);
         let coordinator = self.coordinator.clone();
         tokio::spawn(async move {
@@ -100,7 +102,7 @@ impl v1::control_service_server::ControlService for ControlApi {
                 tokio::select! {
                     message = inbound.message() => match message {
                         Ok(Some(message)) => {
-                            if let Err(err) = handle(&coordinator, worker, session.id, message) {
+                            if let Err(err) = handle(&coordinator, worker, session.id, message).await {
                                 let _ = tx.send(Err(err.into())).await;
                                 break "session protocol error".to_string();
                             }
@@ -126,14 +128,21 @@ impl v1::control_service_server::ControlService for ControlApi {
                     }
                 }
             };
-            coordinator.end_session(worker, session.id, &reason);
+            // Losing a worker may fail its job: the journal is written off the runtime.
+            let c = coordinator.clone();
+            let ended =
+                tokio::task::spawn_blocking(move || c.end_session(worker, session.id, &reason));
+            if let Err(err) = ended.await {
+                tracing::error!(worker = %worker, error = %err, "ending a session panicked");
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// Applies one message of `worker`'s session.
-fn handle(
+/// Applies one message of `worker`'s session; a task result (which may write the journal) is
+/// applied on the blocking pool.
+async fn handle(
     coordinator: &Coordinator,
     worker: WorkerId,
     session: u64,
@@ -149,10 +158,10 @@ fn handle(
             tracing::debug!(worker = %worker, task = %p.task_id, done = p.done, total = p.total, "task progress");
             coordinator.heartbeat(worker, session, Instant::now())
         }
-        Some(Message::Result(r)) => {
-            // Task dispatch is not wired yet: results are only logged.
-            tracing::info!(worker = %worker, task = %r.task_id, "task result");
-            coordinator.heartbeat(worker, session, Instant::now())
+        Some(Message::Result(result)) => {
+            tracing::debug!(worker = %worker, task = %result.task_id, "task result");
+            let c = coordinator.clone();
+            blocking(move || c.task_result(worker, session, result, Instant::now())).await
         }
         Some(Message::Hello(_)) => Err(ServiceError::Protocol(
             "`hello` may only open a session".into(),

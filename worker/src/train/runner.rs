@@ -110,6 +110,8 @@ pub struct JobRunner {
     skipped_steps: u64,
     /// Iterations whose training finished here (theta became theta_k).
     finished_iterations: u32,
+    /// The iteration whose steps this replica's optimizer state belongs to.
+    iteration_started: Option<u32>,
 }
 
 /// Opponent samples of one iteration, aligned with the training examples.
@@ -155,6 +157,7 @@ impl JobRunner {
             opponents: None,
             skipped_steps: 0,
             finished_iterations: 0,
+            iteration_started: None,
         })
     }
 
@@ -314,6 +317,7 @@ impl JobRunner {
         shard: u32,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<String, TrainError> {
+        self.catch_up(k)?;
         let key = layout::latents(shard);
         let bytes = self.store.get(&key).map_err(store_error)?;
         let examples = examples_from_bytes(Path::new(&key), &bytes)?;
@@ -532,6 +536,23 @@ impl JobRunner {
                 false,
             ));
         }
+        self.catch_up(k).map_err(|e| fail(e, 0, false))?;
+        if first == 0 {
+            // Every iteration fine-tunes theta_k afresh: new moments, the schedule from its
+            // warm-up. So the state of all replicas at an iteration's start is the snapshot
+            // theta_k alone, which a worker that joins later can load.
+            self.optimizer = AdamW::new(self.optimizer_config());
+            self.iteration_started = Some(k);
+        } else if self.iteration_started != Some(k) {
+            return Err(fail(
+                TrainError::Input(format!(
+                    "asked to continue iteration {k} at step {first}, but this replica holds no \
+                     optimizer state for it"
+                )),
+                0,
+                false,
+            ));
+        }
         self.ensure_train().map_err(|e| fail(e, 0, false))?;
         self.ensure_opponents(k).map_err(|e| fail(e, 0, false))?;
         let mut completed = 0;
@@ -578,6 +599,40 @@ impl JobRunner {
             self.finish_iteration(k);
         }
         Ok(completed)
+    }
+
+    fn optimizer_config(&self) -> AdamWConfig {
+        let t = &self.spec.training;
+        AdamWConfig {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+            weight_decay: t.weight_decay,
+        }
+    }
+
+    /// A replica that joined after iteration `k` began elsewhere loads theta_k from the job's
+    /// published snapshot (verified against its manifest) before sampling or training.
+    fn catch_up(&mut self, k: u32) -> Result<(), TrainError> {
+        if self.finished_iterations >= k {
+            return Ok(());
+        }
+        let dir = self.store.path(&layout::snapshot(k)).map_err(store_error)?;
+        spin_common::manifest::verify(&dir).map_err(|e| {
+            TrainError::Input(format!(
+                "this worker joined at iteration {k} and needs theta_{k}: {e}"
+            ))
+        })?;
+        let train_device = self.device.clone().autodiff();
+        let (theta, _) = UNet2DConditionModel::load(&dir.join("unet"), &train_device)?;
+        self.theta = theta;
+        if self.spec.training.objective != Objective::Dpo {
+            self.pipeline.unet = self.theta.valid();
+        }
+        self.finished_iterations = k;
+        self.opponents = None;
+        tracing::info!(iteration = k, dir = %dir.display(), "loaded theta_k from the job's snapshot");
+        Ok(())
     }
 
     /// theta_{k+1} becomes the opponent and the reference (DPO keeps the base as reference).

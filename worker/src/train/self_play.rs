@@ -45,6 +45,8 @@ pub enum TrainEvent {
         grad_norm: f64,
         /// Pairs per second.
         images_per_sec: f64,
+        /// Wall time of the step.
+        step_time_s: f64,
     },
     /// A step was dropped (non-finite loss or gradient, policy `skip`).
     Skipped {
@@ -169,6 +171,7 @@ pub fn step_event(r: &StepReport) -> TrainEvent {
             lr: r.lr,
             grad_norm: r.grad_norm,
             images_per_sec: r.images_per_sec,
+            step_time_s: r.step_time_s,
         }
     }
 }

@@ -1,0 +1,190 @@
+//! The running job, carried out: starting it, assigning it to workers, sending the tasks and
+//! pushing the events [`dispatch`](crate::dispatch) decides, journaling its triggers, and
+//! losing workers.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use spin_common::ids::{JobId, WorkerId};
+use spin_common::proto::v1;
+use v1::coordinator_message::Message as Down;
+use v1::job_event::Event;
+
+use super::{now_ms, Active, State};
+use crate::dispatch::{Action, JobRun};
+use crate::error::ServiceError;
+use crate::journal::JobRecord;
+use crate::membership::Member;
+use crate::state::{JobState, Trigger};
+
+impl State {
+    /// Sends `worker` the running job (if any) and marks it assigned; `Err` names why the
+    /// worker is stuck.
+    pub(super) fn assign(&mut self, worker: WorkerId) -> Result<(), String> {
+        let Some(active) = &self.active else {
+            return Ok(());
+        };
+        let job = active.run.job();
+        let Some(session) = self.sessions.get_mut(&worker) else {
+            return Ok(());
+        };
+        let message = v1::CoordinatorMessage {
+            message: Some(Down::AssignJob(v1::AssignJob {
+                job_id: job.to_string(),
+                spec_toml: active.spec_toml.clone(),
+                store_prefix: active.run.job_dir().display().to_string(),
+            })),
+        };
+        session
+            .tx
+            .try_send(message)
+            .map_err(|e| format!("session channel refused the job assignment: {e}"))?;
+        session.job = Some(job);
+        Ok(())
+    }
+
+    /// The oldest pending job, when no job is running and enough sessions are open.
+    pub(super) fn startable(&self, min_workers: usize) -> Result<Option<JobRecord>, ServiceError> {
+        if self.active.is_some() || self.sessions.len() < min_workers.max(1) {
+            return Ok(None);
+        }
+        let live = self.journal.live_jobs()?;
+        Ok(live.into_iter().find(|j| j.state == JobState::Pending))
+    }
+
+    /// Starts pending `job` with its dispatch state, or fails it with the reason it cannot run.
+    pub(super) fn start(
+        &mut self,
+        job: &JobRecord,
+        prepared: Result<JobRun, String>,
+        now: Instant,
+    ) -> Result<(), ServiceError> {
+        let to = self.apply(job, Trigger::Start)?.to;
+        let run = match prepared {
+            Ok(run) => run,
+            Err(reason) => {
+                tracing::warn!(job = %job.id, %reason, "job cannot run");
+                self.apply_to(job.id, Trigger::Fail { reason })?;
+                return Ok(());
+            }
+        };
+        self.active = Some(Active {
+            run,
+            spec_toml: job.spec_toml.clone(),
+        });
+        tracing::info!(job = %job.id, workers = self.sessions.len(), "job started");
+        let workers: Vec<WorkerId> = self.sessions.keys().copied().collect();
+        let mut actions = Vec::new();
+        for worker in workers {
+            if let Err(reason) = self.assign(worker) {
+                actions.extend(self.forget(worker, &reason));
+            }
+        }
+        if let Some(active) = &mut self.active {
+            actions.extend(active.run.enter(to));
+        }
+        self.drive(actions, now);
+        Ok(())
+    }
+
+    /// The running job's members with an open session.
+    pub(super) fn job_members(&self, job: JobId) -> Vec<Member> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.job == Some(job))
+            .filter_map(|(w, _)| self.membership.get(*w).cloned())
+            .collect()
+    }
+
+    /// Carries out the dispatcher's `actions` for the running job in order (a journaled
+    /// trigger enters the next phase, whose actions follow), then hands idle workers tasks,
+    /// until nothing is left to do.
+    pub(super) fn drive(&mut self, actions: Vec<Action>, now: Instant) {
+        let mut queue: VecDeque<Action> = actions.into();
+        loop {
+            while let Some(action) = queue.pop_front() {
+                let Some(job) = self.active_job() else {
+                    return;
+                };
+                match action {
+                    Action::Send { worker, task } => {
+                        if let Err(reason) = self.send_task(worker, job, task) {
+                            queue.extend(self.forget(worker, &reason));
+                        }
+                    }
+                    Action::Event(event) => {
+                        if let Some(log) = self.events.get_mut(&job) {
+                            log.push(now_ms(), event);
+                        }
+                    }
+                    Action::Apply(trigger) => match self.apply_to(job, trigger) {
+                        Ok(to) if to.is_terminal() => return,
+                        Ok(to) => {
+                            if let Some(active) = &mut self.active {
+                                queue.extend(active.run.enter(to));
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(job = %job, error = %err, "could not journal a transition");
+                        }
+                    },
+                }
+            }
+            let Some(job) = self.active_job() else {
+                return;
+            };
+            let workers = self.job_members(job);
+            let generation = self.membership.generation();
+            let Some(active) = &mut self.active else {
+                return;
+            };
+            queue.extend(active.run.dispatch(&workers, generation, now));
+            if queue.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Sends `task` of `job` on `worker`'s session; `Err` names why the worker is stuck.
+    pub(super) fn send_task(
+        &mut self,
+        worker: WorkerId,
+        job: JobId,
+        task: v1::Task,
+    ) -> Result<(), String> {
+        let Some(session) = self.sessions.get(&worker).filter(|s| s.job == Some(job)) else {
+            return Err("no open session for its task".into());
+        };
+        tracing::debug!(job = %job, worker = %worker, task = %task.task_id, "task sent");
+        session
+            .tx
+            .try_send(v1::CoordinatorMessage {
+                message: Some(Down::Task(task)),
+            })
+            .map_err(|e| format!("session channel refused a task: {e}"))
+    }
+
+    /// Forgets `worker` and carries out what that changes for the running job.
+    pub(super) fn lose(&mut self, worker: WorkerId, reason: &str, now: Instant) {
+        let actions = self.forget(worker, reason);
+        self.drive(actions, now);
+    }
+
+    /// Forgets `worker`: its session ends, live jobs hear of it, and the running job drops
+    /// its task and reopens its leases. Returns the dispatcher's actions.
+    pub(super) fn forget(&mut self, worker: WorkerId, reason: &str) -> Vec<Action> {
+        self.sessions.remove(&worker);
+        let _ = self.membership.remove(worker);
+        tracing::warn!(worker = %worker, reason, "worker lost");
+        let world = self.world();
+        self.broadcast_live(Event::WorkerLost(v1::WorkerLost {
+            worker_id: worker.to_string(),
+            reason: reason.to_string(),
+            world,
+        }));
+        match &mut self.active {
+            Some(active) => active.run.on_lost(worker, reason),
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The shard phases, preparing and sampling k: shards are leased one at a time to idle workers;
+//! a finished shard is never handed out again, a retryable failure reopens it (up to
+//! [`MAX_ATTEMPTS`] failures), and the phase ends when every shard is written.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use spin_common::ids::WorkerId;
+use spin_common::proto::v1;
+use v1::job_event::Event;
+use v1::task_result::Outcome;
+
+use super::{fail, failure, warning, Action, Plan, Tasks, Work, MAX_ATTEMPTS};
+use crate::convert::{encode_task, sample_task};
+use crate::lease::{Completion, LeaseTable};
+use crate::membership::Member;
+use crate::state::{JobState, Trigger};
+
+/// One shard phase.
+#[derive(Debug)]
+pub(super) struct ShardPhase {
+    state: JobState,
+    table: LeaseTable,
+    failures: HashMap<u32, u32>,
+}
+
+impl ShardPhase {
+    /// `shards` open shards of the phase `state` (preparing or sampling k).
+    pub(super) fn new(state: JobState, shards: u32, lease_duration: Duration) -> Self {
+        Self {
+            state,
+            table: LeaseTable::new(shards, lease_duration),
+            failures: HashMap::new(),
+        }
+    }
+
+    /// The job state this phase belongs to.
+    pub(super) fn state(&self) -> JobState {
+        self.state
+    }
+
+    /// The trigger that ends the phase.
+    fn trigger(&self) -> Trigger {
+        match self.state {
+            JobState::Sampling(iteration) => Trigger::Sampled { iteration },
+            _ => Trigger::Prepared,
+        }
+    }
+
+    /// The trigger at once when the phase has no shard.
+    pub(super) fn finished_already(&self) -> Vec<Action> {
+        if self.table.is_finished() {
+            vec![Action::Apply(self.trigger())]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The shard's name in messages.
+    fn describe(&self, shard: u32, plan: &Plan) -> String {
+        match self.state {
+            JobState::Sampling(k) => format!("sampling shard {shard} of iteration {k}"),
+            _ if plan.held_out && shard == plan.train_shards() => {
+                format!("held-out encode shard {shard}")
+            }
+            _ => format!("encode shard {shard}"),
+        }
+    }
+
+    /// The task of `shard` and its label in task ids.
+    fn task(&self, shard: u32, plan: &Plan) -> Option<(String, v1::task::Kind)> {
+        if let JobState::Sampling(k) = self.state {
+            let s = plan.shards.get(shard as usize)?;
+            let task = sample_task(*s, k, plan.seed);
+            return Some((format!("sample-{k}-{shard}"), v1::task::Kind::Sample(task)));
+        }
+        match plan.shards.get(shard as usize) {
+            Some(s) => Some((
+                format!("encode-{shard}"),
+                v1::task::Kind::Encode(encode_task(*s)),
+            )),
+            None if plan.held_out && shard == plan.train_shards() => Some((
+                "encode-held-out".to_string(),
+                v1::task::Kind::Encode(v1::EncodeShard {
+                    shard,
+                    first_pair: 0,
+                    end_pair: 0,
+                    held_out: true,
+                }),
+            )),
+            None => None,
+        }
+    }
+
+    /// Grants the next open shard to each idle worker, in join order.
+    pub(super) fn dispatch(
+        &mut self,
+        workers: &[&Member],
+        now: Instant,
+        plan: &Plan,
+        tasks: &mut Tasks,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for member in workers {
+            if tasks.busy(member.id) {
+                continue;
+            }
+            let Some(lease) = self.table.grant(member.id, now) else {
+                break;
+            };
+            let Some((label, kind)) = self.task(lease.shard, plan) else {
+                // Not reachable: the table has exactly the plan's shards.
+                actions.push(fail(format!("no task for shard {}", lease.shard)));
+                break;
+            };
+            if let Some(former) = lease.replaces {
+                tracing::info!(shard = lease.shard, worker = %member.id, former = %former, "lapsed shard handed to another worker");
+            }
+            let work = Work::Shard {
+                state: self.state,
+                shard: lease.shard,
+            };
+            actions.push(tasks.issue(member.id, work, &label, kind));
+        }
+        actions
+    }
+
+    /// Applies the result of `shard` from `worker`.
+    pub(super) fn on_result(
+        &mut self,
+        worker: WorkerId,
+        shard: u32,
+        outcome: Option<Outcome>,
+        plan: &Plan,
+    ) -> Vec<Action> {
+        let what = self.describe(shard, plan);
+        if let Some((error, retryable)) = failure(&outcome) {
+            if !retryable {
+                return vec![fail(format!("{what} failed on worker {worker}: {error}"))];
+            }
+            if self.table.fail(shard, worker).is_err() {
+                tracing::debug!(shard, worker = %worker, "failure of a shard held by another worker ignored");
+                return Vec::new();
+            }
+            let failures = self.failures.entry(shard).or_insert(0);
+            *failures += 1;
+            if *failures >= MAX_ATTEMPTS {
+                return vec![fail(format!(
+                    "{what} failed {failures} times; last on worker {worker}: {error}"
+                ))];
+            }
+            return vec![warning(format!(
+                "{what} failed on worker {worker} (attempt {failures} of {MAX_ATTEMPTS}); retrying: {error}"
+            ))];
+        }
+        match self.table.complete(shard, worker) {
+            Ok(Completion::Accepted) => {}
+            Ok(Completion::Duplicate) | Err(_) => {
+                tracing::debug!(shard, worker = %worker, "result of a shard already written or held by another worker ignored");
+                return Vec::new();
+            }
+        }
+        let mut actions = vec![Action::Event(Event::Shards(v1::ShardsProgress {
+            phase: Some(self.state.into()),
+            done: self.table.done(),
+            total: self.table.len(),
+        }))];
+        if let Some(Outcome::Succeeded(s)) = outcome {
+            actions.extend(
+                s.metrics
+                    .into_iter()
+                    .map(|m| Action::Event(Event::Metrics(m))),
+            );
+        }
+        if self.table.is_finished() {
+            actions.push(Action::Apply(self.trigger()));
+        }
+        actions
+    }
+
+    /// Reopens the shards `worker` held.
+    pub(super) fn on_lost(&mut self, worker: WorkerId) {
+        let reopened = self.table.release_worker(worker);
+        if !reopened.is_empty() {
+            tracing::info!(worker = %worker, ?reopened, "shards of a lost worker reopened");
+        }
+    }
+
+    /// Renews `worker`'s leases.
+    pub(super) fn renew(&mut self, worker: WorkerId, now: Instant) {
+        self.table.renew(worker, now);
+    }
+
+    /// Reopens lapsed leases.
+    pub(super) fn expire(&mut self, now: Instant) -> Vec<(u32, WorkerId)> {
+        self.table.expire(now)
+    }
+}

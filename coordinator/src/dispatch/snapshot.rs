@@ -1,0 +1,134 @@
+//! Snapshot k: rank 0 of the ring that finished training writes theta_{k+1}; if it is lost or
+//! fails retryably, the next replica in rank order writes it instead.
+
+use spin_common::ids::WorkerId;
+use spin_common::proto::v1;
+use spin_common::store::layout;
+use v1::job_event::Event;
+use v1::task_result::Outcome;
+
+use super::{fail, failure, warning, Action, Plan, Tasks, Work, MAX_ATTEMPTS};
+use crate::membership::Member;
+use crate::state::Trigger;
+
+/// The snapshot of one iteration.
+#[derive(Debug)]
+pub(super) struct SnapshotPhase {
+    iteration: u32,
+    /// Replicas holding the trained weights, in rank order.
+    replicas: Vec<WorkerId>,
+    /// The replica writing it now.
+    writer: Option<WorkerId>,
+    failures: u32,
+}
+
+impl SnapshotPhase {
+    /// The snapshot of iteration `iteration`, written by one of `replicas` (rank order).
+    pub(super) fn new(iteration: u32, replicas: Vec<WorkerId>) -> Self {
+        Self {
+            iteration,
+            replicas,
+            writer: None,
+            failures: 0,
+        }
+    }
+
+    /// k.
+    pub(super) fn iteration(&self) -> u32 {
+        self.iteration
+    }
+
+    fn no_replica(&self) -> Action {
+        fail(format!(
+            "snapshot of iteration {}: no replica holds the trained weights (every worker of \
+             the last ring was lost; restoring from a checkpoint is not supported yet)",
+            self.iteration
+        ))
+    }
+
+    /// Sends the snapshot task to the first replica connected, when none is writing it.
+    pub(super) fn dispatch(&mut self, workers: &[&Member], tasks: &mut Tasks) -> Vec<Action> {
+        if self.writer.is_some() {
+            return Vec::new();
+        }
+        let connected = |w: &WorkerId| workers.iter().any(|m| m.id == *w);
+        let Some(writer) = self.replicas.iter().copied().find(connected) else {
+            return vec![self.no_replica()];
+        };
+        if tasks.busy(writer) {
+            return Vec::new();
+        }
+        self.writer = Some(writer);
+        let k = self.iteration;
+        vec![tasks.issue(
+            writer,
+            Work::Snapshot { iteration: k },
+            &format!("snapshot-{k}"),
+            v1::task::Kind::Snapshot(v1::Snapshot { iteration: k }),
+        )]
+    }
+
+    /// Applies the writer's result.
+    pub(super) fn on_result(
+        &mut self,
+        worker: WorkerId,
+        outcome: Option<Outcome>,
+        plan: &Plan,
+    ) -> Vec<Action> {
+        if self.writer != Some(worker) {
+            return Vec::new();
+        }
+        self.writer = None;
+        let k = self.iteration;
+        if let Some((error, retryable)) = failure(&outcome) {
+            let what = format!("snapshot of iteration {k} failed on worker {worker}");
+            if !retryable {
+                return vec![fail(format!("{what}: {error}"))];
+            }
+            self.failures += 1;
+            if self.failures >= MAX_ATTEMPTS {
+                return vec![fail(format!(
+                    "{what} ({} failures): {error}",
+                    self.failures
+                ))];
+            }
+            return vec![warning(format!(
+                "{what} (attempt {} of {MAX_ATTEMPTS}); retrying: {error}",
+                self.failures
+            ))];
+        }
+        let Some(Outcome::Succeeded(result)) = outcome else {
+            return Vec::new();
+        };
+        let path = result.outputs.first().cloned().unwrap_or_else(|| {
+            plan.job_dir
+                .join(layout::snapshot(k + 1))
+                .display()
+                .to_string()
+        });
+        let mut actions = vec![Action::Event(Event::SnapshotPublished(
+            v1::SnapshotPublished { iteration: k, path },
+        ))];
+        actions.extend(
+            result
+                .metrics
+                .into_iter()
+                .map(|m| Action::Event(Event::Metrics(m))),
+        );
+        actions.push(Action::Apply(Trigger::SnapshotPublished { iteration: k }));
+        actions
+    }
+
+    /// Forgets lost `worker`; another replica writes the snapshot if it was writing it.
+    pub(super) fn on_lost(&mut self, worker: WorkerId) -> Vec<Action> {
+        self.replicas.retain(|w| *w != worker);
+        if self.writer == Some(worker) {
+            self.writer = None;
+        }
+        if self.replicas.is_empty() {
+            vec![self.no_replica()]
+        } else {
+            Vec::new()
+        }
+    }
+}
