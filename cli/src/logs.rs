@@ -390,6 +390,7 @@ impl Renderer {
     pub fn render(&mut self, event: &v1::JobEvent) -> String {
         let time = format_clock(event.at_ms);
         let progress = match &event.event {
+            Some(Event::Step(m)) if !m.skipped.is_empty() => None,
             Some(Event::Step(m)) => Some((
                 ProgressKey::Steps {
                     iteration: m.iteration,
@@ -521,6 +522,12 @@ fn event_line(event: Option<&Event>) -> String {
         Some(Event::Failed(f)) => format!("failed: {}", f.error),
         Some(Event::Cancelled(c)) => format!("cancelled: {}", c.reason),
         // Progress is drawn by the caller; an empty oneof is a newer coordinator's event.
+        Some(Event::Step(m)) if !m.skipped.is_empty() => format!(
+            "warning: step {} of iteration k={} dropped on every replica: {}",
+            m.step + 1,
+            m.iteration,
+            m.skipped
+        ),
         Some(Event::Step(_) | Event::Shards(_)) | None => {
             "(an event this spinctl does not know)".into()
         }
@@ -618,6 +625,7 @@ mod tests {
             grad_norm: 1.5,
             images_per_sec: 12.0,
             step_time_s,
+            skipped: String::new(),
         })
     }
 

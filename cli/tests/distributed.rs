@@ -7,99 +7,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
-/// Kills the child when dropped (a failing test leaves no process behind).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `command` to completion, killing it after `limit`.
-fn run_with_timeout(mut command: Command, limit: Duration) -> Output {
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let id = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(id.to_string()).status();
-            panic!("{command:?} did not finish within {limit:?}");
-        }
-    }
-}
-
-fn wait_for_file(path: &Path, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if text.ends_with('\n') {
-                return text.trim().to_string();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn spinctl(url: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_spinctl"));
-    c.arg("--coordinator").arg(url);
-    c
-}
+use common::process::{self, run_with_timeout, spinctl, Guard};
 
 #[test]
 fn a_job_runs_on_a_coordinator_and_two_worker_processes() {
     let (data, base) = common::toy_inputs();
     let dir = common::temp_dir("processes");
     let store = dir.join("store");
-    let address_file = dir.join("coordinator.addr");
-    let coordinator = Guard(
-        Command::new(env!("CARGO_BIN_EXE_spin-coordinator"))
-            .args(["--listen", "127.0.0.1:0", "--address-file"])
-            .arg(&address_file)
-            .arg("--journal")
-            .arg(dir.join("journal.redb"))
-            .env("SPIN_COORDINATOR__STORE", &store)
-            .env("SPIN_COORDINATOR__MIN_WORKERS", "2")
-            .env("SPIN_COORDINATOR__TICK_INTERVAL_MS", "100")
-            .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!(
-        "http://{}",
-        wait_for_file(&address_file, Duration::from_secs(30))
-    );
+    let (coordinator, url) = process::coordinator(&dir, "127.0.0.1:0", 2);
     let workers: Vec<Guard> = (0..2)
-        .map(|i| {
-            Guard(
-                Command::new(env!("CARGO_BIN_EXE_spin-worker"))
-                    .arg("--coordinator")
-                    .arg(&url)
-                    .args(["--ring-timeout-s", "30"])
-                    .stderr(std::fs::File::create(dir.join(format!("worker-{i}.log"))).unwrap())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
+        .map(|i| process::worker(&url, &dir, &format!("worker-{i}.log"), 30))
         .collect();
 
     let spec = dir.join("job.toml");

@@ -3,6 +3,8 @@
 //! [`dataset`] reads Pick-a-Pic parquet shards into preference pairs and preprocesses their
 //! images; [`toy`] writes the synthetic dataset in the same schema; [`spec`] is the job spec.
 
+pub mod auth;
+pub mod checkpoint;
 pub mod dataset;
 pub mod ids;
 pub mod manifest;
@@ -13,4 +15,7 @@ pub mod seeds;
 pub mod shards;
 pub mod spec;
 pub mod store;
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
+pub mod tls;
 pub mod toy;

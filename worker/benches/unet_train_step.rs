@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Distribution, Tensor, TensorData};
 use spin_worker::models::unet_2d_condition::UNet2DConditionModel;
 use spin_worker::train::{AdamW, AdamWConfig, ParamGrads};
 

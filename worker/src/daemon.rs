@@ -543,7 +543,10 @@ fn train(
             right,
             inbox,
             config,
-            &GrpcOptions::default(),
+            &GrpcOptions {
+                connect_timeout: ring_timeout,
+                ..GrpcOptions::default()
+            },
         ) {
             Ok(ring) => Box::new(ring),
             Err(e) => {
@@ -565,7 +568,7 @@ fn train(
             lr = r.lr,
             grad_norm = r.grad_norm,
             step_time_s = r.step_time_s,
-            skipped = r.skipped,
+            skipped = r.skipped.as_deref().unwrap_or(""),
             "step"
         );
         if rank == 0 {
@@ -578,6 +581,7 @@ fn train(
                 grad_norm: r.grad_norm,
                 images_per_sec: r.images_per_sec,
                 step_time_s: r.step_time_s,
+                skipped: r.skipped.clone().unwrap_or_default(),
             }));
         }
     };

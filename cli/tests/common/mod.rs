@@ -2,6 +2,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod process;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -26,8 +28,43 @@ pub fn toy_inputs() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The size of a test job.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Self-play iterations.
+    pub iterations: usize,
+    /// Optimizer steps per iteration.
+    pub steps: u64,
+    /// Pairs per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per step (shared out over the workers).
+    pub accumulation: usize,
+    /// Checkpoint every N steps (0: only at each iteration's end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            iterations: 2,
+            steps: 2,
+            batch: 2,
+            accumulation: 2,
+            checkpoint_every: 0,
+        }
+    }
+}
+
 /// A 2-iteration SPIN job of 2 steps each, global batch 2 x 2 micro-batches, 3 shards.
 pub fn spin_spec(data: &Path, base: &Path, output: &Path) -> String {
+    spec(data, base, output, &Shape::default())
+}
+
+/// A SPIN job of `shape` on the toy data, 3 shards of prompts.
+pub fn spec(data: &Path, base: &Path, output: &Path, shape: &Shape) -> String {
+    let iterations: String = (0..shape.iterations)
+        .map(|_| format!("[[iteration]]\nlr = 1e-3\nbeta = 2000.0\nsteps = {}\n", shape.steps))
+        .collect();
     format!(
         r#"[job]
 name = "cluster-test"
@@ -47,19 +84,12 @@ batch_size = 8
 shard_size = 8
 [training]
 objective = "spin"
-batch_size = 2
-gradient_accumulation = 2
+batch_size = {batch}
+gradient_accumulation = {accumulation}
 lr_schedule = "constant"
 warmup_steps = 0
-checkpoint_every = 0
-[[iteration]]
-lr = 1e-3
-beta = 2000.0
-steps = 2
-[[iteration]]
-lr = 1e-3
-beta = 2000.0
-steps = 2
+checkpoint_every = {checkpoint_every}
+{iterations}
 [eval]
 samples = 2
 loss_timesteps = 2
@@ -68,6 +98,9 @@ grid_columns = 2
         output = output.display(),
         base = base.display(),
         data = data.display(),
+        batch = shape.batch,
+        accumulation = shape.accumulation,
+        checkpoint_every = shape.checkpoint_every,
     )
 }
 

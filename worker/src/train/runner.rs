@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use spin_common::checkpoint::{self, CheckpointState};
 use spin_common::dataset::{grid_png, JobPrompts, ReadReport};
 use spin_common::plan::{step_examples, StepShape};
 use spin_common::seeds::{derive, Purpose};
@@ -48,7 +49,7 @@ pub struct Metrics {
 }
 
 /// One optimizer step as every replica applied it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StepReport {
     /// Iteration.
     pub iteration: usize,
@@ -66,8 +67,8 @@ pub struct StepReport {
     pub images_per_sec: f64,
     /// Wall time of the step on this replica.
     pub step_time_s: f64,
-    /// Whether the step was dropped (non-finite, policy `skip`); `reason` says why.
-    pub skipped: bool,
+    /// Why the step was dropped on every replica (non-finite, policy `skip`), if it was.
+    pub skipped: Option<String>,
 }
 
 /// Why a train task stopped before its last step, and how far it got.
@@ -108,10 +109,13 @@ pub struct JobRunner {
     held_out: Option<Vec<Example>>,
     opponents: Option<(u32, Opponents)>,
     skipped_steps: u64,
-    /// Iterations whose training finished here (theta became theta_k).
-    finished_iterations: u32,
-    /// The iteration whose steps this replica's optimizer state belongs to.
-    iteration_started: Option<u32>,
+    /// k such that `pipeline.unet` is theta_k (the opponent and, but for DPO, the reference).
+    reference_iteration: u32,
+    /// Where theta and the optimizer stand: `(k, s)` = ready for step `s` of iteration `k`
+    /// (after the last step of k: `(k + 1, 0)`, theta = theta_{k+1}).
+    position: Option<(u32, u64)>,
+    /// Rank 0 writes checkpoints.
+    writes_checkpoints: bool,
 }
 
 /// Opponent samples of one iteration, aligned with the training examples.
@@ -156,8 +160,9 @@ impl JobRunner {
             held_out: None,
             opponents: None,
             skipped_steps: 0,
-            finished_iterations: 0,
-            iteration_started: None,
+            reference_iteration: 0,
+            position: Some((0, 0)),
+            writes_checkpoints: true,
         })
     }
 
@@ -317,7 +322,9 @@ impl JobRunner {
         shard: u32,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<String, TrainError> {
-        self.catch_up(k)?;
+        if self.reference_iteration != k {
+            self.restore_theta_k(k)?;
+        }
         let key = layout::latents(shard);
         let bytes = self.store.get(&key).map_err(store_error)?;
         let examples = examples_from_bytes(Path::new(&key), &bytes)?;
@@ -536,23 +543,11 @@ impl JobRunner {
                 false,
             ));
         }
-        self.catch_up(k).map_err(|e| fail(e, 0, false))?;
-        if first == 0 {
-            // Every iteration fine-tunes theta_k afresh: new moments, the schedule from its
-            // warm-up. So the state of all replicas at an iteration's start is the snapshot
-            // theta_k alone, which a worker that joins later can load.
-            self.optimizer = AdamW::new(self.optimizer_config());
-            self.iteration_started = Some(k);
-        } else if self.iteration_started != Some(k) {
-            return Err(fail(
-                TrainError::Input(format!(
-                    "asked to continue iteration {k} at step {first}, but this replica holds no \
-                     optimizer state for it"
-                )),
-                0,
-                false,
-            ));
-        }
+        self.position_at(k, first).map_err(|e| {
+            let retryable = matches!(e, TrainError::Io { .. });
+            fail(e, 0, retryable)
+        })?;
+        self.writes_checkpoints = rank == 0;
         self.ensure_train().map_err(|e| fail(e, 0, false))?;
         self.ensure_opponents(k).map_err(|e| fail(e, 0, false))?;
         let mut completed = 0;
@@ -569,18 +564,27 @@ impl JobRunner {
                 .map_err(|e| {
                     let retryable = matches!(e, TrainError::Collective(_));
                     fail(e, completed, retryable)
-                })?;
+                });
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(f) => {
+                    self.position = Some((k, step));
+                    return Err(f);
+                }
+            };
             match outcome {
                 StepOutcome::Applied(r) => report(&r),
-                StepOutcome::Skipped(r, reason) => {
+                StepOutcome::Skipped(mut r, reason) => {
                     let t = &self.spec.training;
                     if t.nonfinite == NonFinitePolicy::Skip
                         && self.skipped_steps < t.max_skipped_steps
                     {
                         self.skipped_steps += 1;
                         tracing::warn!(iteration = k, step, %reason, "step dropped on every replica");
+                        r.skipped = Some(reason);
                         report(&r);
                     } else {
+                        self.position = Some((k, step));
                         return Err(fail(
                             TrainError::NonFinite {
                                 iteration: ki,
@@ -594,11 +598,158 @@ impl JobRunner {
                 }
             }
             completed += 1;
+            self.position = Some((k, step + 1));
+            let every = self.spec.training.checkpoint_every;
+            let due = step + 1 == steps || (every > 0 && (step + 1) % every == 0);
+            if due && self.writes_checkpoints {
+                self.write_checkpoint(k, step)
+                    .map_err(|e| fail(e, completed, true))?;
+            }
         }
         if last + 1 == steps {
             self.finish_iteration(k);
         }
         Ok(completed)
+    }
+
+    /// Brings theta and the optimizer to "ready for step `first` of iteration `k`": kept as
+    /// they are when this replica is there already; theta_k (from its snapshot, or the base)
+    /// with a fresh optimizer for step 0; otherwise the job's checkpoint after step
+    /// `first - 1`. Every iteration fine-tunes theta_k afresh (new moments, the schedule from
+    /// its warm-up), so the state at an iteration's start is the snapshot alone.
+    fn position_at(&mut self, k: u32, first: u64) -> Result<(), TrainError> {
+        if self.position != Some((k, first)) {
+            if self.reference_iteration != k || first == 0 {
+                self.restore_theta_k(k)?;
+            }
+            if first > 0 {
+                self.load_checkpoint(k, first - 1)?;
+                return Ok(());
+            }
+        }
+        if first == 0 {
+            self.optimizer = AdamW::new(self.optimizer_config());
+        }
+        Ok(())
+    }
+
+    /// Loads theta_k (k = 0: the base model; else the job's verified snapshot) as theta and,
+    /// but for DPO, as the reference and opponent.
+    fn restore_theta_k(&mut self, k: u32) -> Result<(), TrainError> {
+        let dir = if k == 0 {
+            self.spec.base_model.clone()
+        } else {
+            let dir = self.store.path(&layout::snapshot(k)).map_err(store_error)?;
+            spin_common::manifest::verify(&dir).map_err(|e| {
+                TrainError::Input(format!("theta_{k} is needed here but cannot be used: {e}"))
+            })?;
+            dir
+        };
+        let train_device = self.device.clone().autodiff();
+        let (theta, _) = UNet2DConditionModel::load(&dir.join("unet"), &train_device)?;
+        self.theta = theta;
+        if self.spec.training.objective != Objective::Dpo || k == 0 {
+            self.pipeline.unet = self.theta.valid();
+        }
+        self.reference_iteration = k;
+        self.position = Some((k, 0));
+        self.opponents = None;
+        tracing::info!(iteration = k, dir = %dir.display(), "loaded theta_k");
+        Ok(())
+    }
+
+    /// Writes the checkpoint after `step` of iteration `k` (theta, optimizer moments, state)
+    /// and publishes it with a manifest; keeps the two newest of the iteration.
+    fn write_checkpoint(&mut self, k: u32, step: u64) -> Result<(), TrainError> {
+        let started = Instant::now();
+        let key = checkpoint::key(k, step);
+        let dir = self.store.path(&key).map_err(store_error)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        self.theta
+            .save(&self.unet_config, &dir.join(checkpoint::WEIGHTS))?;
+        let mut tensors = BTreeMap::new();
+        for (name, moments) in self.optimizer.moments() {
+            let n = moments.m.dims()[0];
+            tensors.insert(format!("{name}.m"), (vec![n], to_vec(moments.m.clone())));
+            tensors.insert(format!("{name}.v"), (vec![n], to_vec(moments.v.clone())));
+        }
+        let bytes = safetensors_bytes(&tensors, None)?;
+        let path = dir.join(checkpoint::OPTIMIZER);
+        std::fs::write(&path, bytes).map_err(|e| TrainError::io(&path, e))?;
+        let state = CheckpointState {
+            iteration: k,
+            step,
+            optimizer_steps: self.optimizer.steps_taken(),
+            skipped_steps: self.skipped_steps,
+        };
+        let path = dir.join(checkpoint::STATE);
+        std::fs::write(&path, serde_json::to_string_pretty(&state).unwrap_or_default())
+            .map_err(|e| TrainError::io(&path, e))?;
+        spin_common::manifest::publish(&dir, &format!("checkpoint of {key}"))
+            .map_err(|e| TrainError::Input(e.to_string()))?;
+        // Keep the two newest: one to resume from, one if the newest turns out damaged.
+        let parent = checkpoint::iteration_dir(k);
+        let names: Vec<String> = self
+            .store
+            .list(&parent)
+            .map_err(store_error)?
+            .into_iter()
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        for old in names.iter().rev().skip(2) {
+            self.store
+                .remove(&format!("{parent}/{old}"))
+                .map_err(store_error)?;
+        }
+        tracing::info!(iteration = k, step, secs = started.elapsed().as_secs_f64(), "checkpoint published");
+        Ok(())
+    }
+
+    /// Loads the checkpoint after `step` of iteration `k` (verified) into theta and the
+    /// optimizer. A newer damaged checkpoint is never read; an older one is not a substitute:
+    /// the coordinator chose `step`.
+    fn load_checkpoint(&mut self, k: u32, step: u64) -> Result<(), TrainError> {
+        let (found, refused) = checkpoint::latest_at_most(self.store.root(), k, step);
+        for (dir, reason) in &refused {
+            tracing::warn!(dir = %dir.display(), %reason, "checkpoint refused");
+        }
+        let found = found
+            .filter(|f| f.state.step == step)
+            .ok_or_else(|| {
+                TrainError::Input(format!(
+                    "no verified checkpoint of iteration {k} after step {step} in {}{}",
+                    self.store.root().join(checkpoint::iteration_dir(k)).display(),
+                    refused
+                        .first()
+                        .map(|(_, r)| format!(" (newest refused: {r})"))
+                        .unwrap_or_default()
+                ))
+            })?;
+        let train_device = self.device.clone().autodiff();
+        let (theta, _) =
+            UNet2DConditionModel::load(&found.dir.join(checkpoint::WEIGHTS), &train_device)?;
+        let file = WeightFile::open(&found.dir.join(checkpoint::OPTIMIZER))?;
+        let mut moments = std::collections::HashMap::new();
+        for key in file.keys() {
+            if let Some(name) = key.strip_suffix(".m") {
+                let m = file.tensor::<1>(key, &self.device)?;
+                let v = file.tensor::<1>(&format!("{name}.v"), &self.device)?;
+                moments.insert(name.to_string(), super::optim::Moments { m, v });
+            }
+        }
+        self.theta = theta;
+        self.optimizer = AdamW::from_state(
+            self.optimizer_config(),
+            found.state.optimizer_steps,
+            moments,
+        );
+        self.skipped_steps = found.state.skipped_steps;
+        self.position = Some((k, step + 1));
+        tracing::info!(iteration = k, step, dir = %found.dir.display(), "resumed from checkpoint");
+        Ok(())
     }
 
     fn optimizer_config(&self) -> AdamWConfig {
@@ -611,36 +762,13 @@ impl JobRunner {
         }
     }
 
-    /// A replica that joined after iteration `k` began elsewhere loads theta_k from the job's
-    /// published snapshot (verified against its manifest) before sampling or training.
-    fn catch_up(&mut self, k: u32) -> Result<(), TrainError> {
-        if self.finished_iterations >= k {
-            return Ok(());
-        }
-        let dir = self.store.path(&layout::snapshot(k)).map_err(store_error)?;
-        spin_common::manifest::verify(&dir).map_err(|e| {
-            TrainError::Input(format!(
-                "this worker joined at iteration {k} and needs theta_{k}: {e}"
-            ))
-        })?;
-        let train_device = self.device.clone().autodiff();
-        let (theta, _) = UNet2DConditionModel::load(&dir.join("unet"), &train_device)?;
-        self.theta = theta;
-        if self.spec.training.objective != Objective::Dpo {
-            self.pipeline.unet = self.theta.valid();
-        }
-        self.finished_iterations = k;
-        self.opponents = None;
-        tracing::info!(iteration = k, dir = %dir.display(), "loaded theta_k from the job's snapshot");
-        Ok(())
-    }
-
     /// theta_{k+1} becomes the opponent and the reference (DPO keeps the base as reference).
     fn finish_iteration(&mut self, k: u32) {
         if self.spec.training.objective != Objective::Dpo {
             self.pipeline.unet = self.theta.valid();
         }
-        self.finished_iterations = k + 1;
+        self.reference_iteration = k + 1;
+        self.position = Some((k + 1, 0));
         self.opponents = None;
     }
 
@@ -689,15 +817,18 @@ impl JobRunner {
                 Err(e) => failure = Some(format!("{e} on rank {rank}")),
             }
         }
-        // Gradients, then the loss sum and a failure flag: one all-reduce decides for all.
+        // Gradients, the loss sum, then one failure slot per rank: one all-reduce decides for
+        // every replica, and every replica can name the ranks that failed.
         let mut flat = match (&total, &failure) {
             (Some(grads), None) => grads.to_flat(),
             _ => vec![0.0; self.theta.num_params()],
         };
         flat.push(loss_sum as f32);
-        flat.push(if failure.is_some() { 1.0 } else { 0.0 });
+        flat.extend((0..world).map(|r| if r == rank && failure.is_some() { 1.0 } else { 0.0 }));
         collective.all_reduce_mean(&mut flat)?;
-        let flag = flat.pop().unwrap_or(1.0);
+        let slots = flat.split_off(flat.len() - world);
+        let failed_ranks: Vec<usize> = (0..world).filter(|&r| slots[r] != 0.0).collect();
+        let flag = if failed_ranks.is_empty() { 0.0 } else { 1.0 };
         let loss_mean =
             f64::from(flat.pop().unwrap_or(f32::NAN)) * world as f64 / accumulation as f64;
         let rate = lr.lr(step);
@@ -710,7 +841,7 @@ impl JobRunner {
             grad_norm: f64::NAN,
             images_per_sec: 0.0,
             step_time_s: 0.0,
-            skipped: false,
+            skipped: None,
         };
         let finish = |mut report: StepReport| {
             let elapsed = started.elapsed().as_secs_f64();
@@ -720,15 +851,14 @@ impl JobRunner {
         };
         // Every rank sees the same flag, so every rank takes the same branch.
         let Some(mut grads) = total.filter(|_| flag == 0.0 && failure.is_none()) else {
-            report.skipped = true;
-            let reason =
-                failure.unwrap_or_else(|| "a non-finite loss or gradient on another rank".into());
+            let reason = failure.unwrap_or_else(|| {
+                format!("a non-finite loss or gradient on rank(s) {failed_ranks:?}")
+            });
             return Ok(StepOutcome::Skipped(finish(report), reason));
         };
         grads.set_flat(&flat);
         grads.scale(world as f64 / accumulation as f64);
         if !grads.all_finite() {
-            report.skipped = true;
             return Ok(StepOutcome::Skipped(
                 finish(report),
                 "non-finite averaged gradient".into(),
@@ -815,11 +945,13 @@ impl JobRunner {
     /// Writes theta_{k+1} (diffusers layout beside copies of the base's frozen parts, then a
     /// sha256 manifest) and evaluates it. Returns the snapshot folder and the metrics.
     pub fn snapshot(&mut self, k: u32) -> Result<(PathBuf, Metrics), TrainError> {
-        if self.finished_iterations != k + 1 {
-            return Err(TrainError::Input(format!(
-                "snapshot of iteration {k} asked, but this replica finished {} iteration(s)",
-                self.finished_iterations
-            )));
+        if self.position != Some((k + 1, 0)) {
+            // This replica did not finish iteration k itself (it joined later, or the
+            // coordinator restarted): the iteration's last checkpoint holds theta_{k+1}.
+            let (_, _, steps) = self.iteration_plan(k as usize)?;
+            self.restore_theta_k(k)?;
+            self.load_checkpoint(k, steps.saturating_sub(1))?;
+            self.finish_iteration(k);
         }
         let dir = self
             .store

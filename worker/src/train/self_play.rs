@@ -156,11 +156,11 @@ pub fn run_local(
 
 /// The event of one step report.
 pub fn step_event(r: &StepReport) -> TrainEvent {
-    if r.skipped {
+    if let Some(reason) = &r.skipped {
         TrainEvent::Skipped {
             iteration: r.iteration,
             step: r.step,
-            reason: "non-finite loss or gradient".into(),
+            reason: reason.clone(),
         }
     } else {
         TrainEvent::Step {

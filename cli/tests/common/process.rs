@@ -1,0 +1,112 @@
+//! Real processes for the cluster tests: children killed on drop, commands with a time limit.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills the child when dropped (a failing test leaves no process behind).
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `command` to completion, killing it after `limit`.
+pub fn run_with_timeout(mut command: Command, limit: Duration) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(id.to_string()).status();
+            panic!("{command:?} did not finish within {limit:?}");
+        }
+    }
+}
+
+pub fn wait_for_file(path: &Path, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if text.ends_with('\n') {
+                return text.trim().to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn spinctl(url: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_spinctl"));
+    c.arg("--coordinator").arg(url);
+    c
+}
+
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .unwrap()
+}
+
+/// Starts `spin-coordinator` on `listen` (e.g. `127.0.0.1:0`) with its journal and store
+/// under `dir`; returns it and its URL once its address file appeared.
+pub fn coordinator(dir: &Path, listen: &str, min_workers: usize) -> (Guard, String) {
+    let address_file = dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&address_file);
+    let child = Command::new(env!("CARGO_BIN_EXE_spin-coordinator"))
+        .args(["--listen", listen, "--address-file"])
+        .arg(&address_file)
+        .arg("--journal")
+        .arg(dir.join("journal.redb"))
+        .env("SPIN_COORDINATOR__STORE", dir.join("store"))
+        .env("SPIN_COORDINATOR__MIN_WORKERS", min_workers.to_string())
+        .env("SPIN_COORDINATOR__TICK_INTERVAL_MS", "100")
+        .env("SPIN_COORDINATOR__HEARTBEAT_TIMEOUT_MS", "5000")
+        .stderr(log_file(dir, "coordinator.log"))
+        .spawn()
+        .unwrap();
+    let guard = Guard(child);
+    let url = format!(
+        "http://{}",
+        wait_for_file(&address_file, Duration::from_secs(30))
+    );
+    (guard, url)
+}
+
+/// Starts a `spin-worker` for the coordinator at `url`, logging to `dir/log`.
+pub fn worker(url: &str, dir: &Path, log: &str, ring_timeout_s: u64) -> Guard {
+    Guard(
+        Command::new(env!("CARGO_BIN_EXE_spin-worker"))
+            .arg("--coordinator")
+            .arg(url)
+            .args(["--ring-timeout-s", &ring_timeout_s.to_string()])
+            .args(["--connect-timeout-s", "60"])
+            .stderr(log_file(dir, log))
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The text of `dir/name` (empty if absent), for failure messages.
+pub fn read_log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
