@@ -59,8 +59,8 @@ async fn watch(url: String, job: String) -> anyhow::Result<(Vec<u64>, Vec<f64>)>
         .await?
         .into_inner();
     let (mut seen, mut steps) = (Vec::new(), Vec::new());
-    while let Some(event) = tokio::time::timeout(Duration::from_secs(600), stream.message())
-        .await??
+    while let Some(event) =
+        tokio::time::timeout(Duration::from_secs(600), stream.message()).await??
     {
         seen.push(event.sequence);
         match event.event {

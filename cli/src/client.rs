@@ -1,7 +1,8 @@
 //! `spinctl submit`, `status`, `list`, `cancel` and `logs`: the commands that talk to a
 //! coordinator's `JobService`. Exit codes: 0 success (and `logs` of a job that is done or still
 //! running), 1 a job that failed or was cancelled (`logs`, `submit --follow`), 2 anything
-//! refused: a bad spec, an unknown job, an unreachable coordinator.
+//! refused: a bad spec, an unknown job, an unreachable coordinator, a refused token. Every call
+//! carries the API token of the [`Remote`], over TLS to an `https://` coordinator.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,10 +10,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use spin_common::auth::{Bearer, Token};
 use spin_common::ids::JobId;
 use spin_common::proto::v1::{self, job_service_client::JobServiceClient};
 use spin_common::spec::RawJobSpec;
-use tonic::transport::{Channel, Endpoint};
+use spin_common::tls::{status_text, TlsSettings};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::logs::{self, format_utc, phase_label, FollowOptions, Outcome, Style};
@@ -69,16 +73,68 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
-/// Connects to the coordinator at `url`; the error names the URL and what to check.
-pub async fn connect(url: &str) -> anyhow::Result<JobServiceClient<Channel>> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+/// A `JobService` client whose every call carries the API token.
+pub type JobClient = JobServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// How `spinctl` reaches the coordinator: its URL, the API token and the TLS material.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    url: String,
+    bearer: Bearer,
+    tls: TlsSettings,
+}
+
+impl Remote {
+    /// The coordinator at `url` (a URL without a scheme gets `https://` when TLS material is
+    /// given, `http://` otherwise), sent `token` on every call (nothing when it is empty).
+    pub fn new(url: &str, token: &Token, tls: TlsSettings) -> anyhow::Result<Self> {
+        let url = if url.contains("://") || !tls.is_configured() {
+            normalize_url(url)
+        } else {
+            format!("https://{url}")
+        };
+        let bearer = Bearer::new("--token (SPIN_TOKEN)", token)?;
+        Ok(Self { url, bearer, tls })
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Connects to the coordinator at `url` without a token or TLS material (see [`connect_to`]).
+pub async fn connect(url: &str) -> anyhow::Result<JobClient> {
+    connect_to(&Remote::new(
+        url,
+        &Token::default(),
+        TlsSettings::default(),
+    )?)
+    .await
+}
+
+/// Connects to the coordinator `remote` names; the error names the URL and what to check.
+pub async fn connect_to(remote: &Remote) -> anyhow::Result<JobClient> {
+    let url = remote.url();
+    if url.starts_with("https://") && remote.tls.ca.is_none() {
+        anyhow::bail!(
+            "the coordinator URL {url} is https:// but no CA certificate was given to verify \
+             it: pass --tls-ca or SPIN_TLS_CA"
+        );
+    }
+    let endpoint = remote
+        .tls
+        .endpoint(url)
         .with_context(|| format!("invalid coordinator URL {url:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         // A long `logs --follow` notices a coordinator that vanished without closing.
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let channel = endpoint.connect().await.with_context(|| unreachable(url))?;
-    Ok(JobServiceClient::new(channel))
+    Ok(JobServiceClient::with_interceptor(
+        channel,
+        remote.bearer.clone(),
+    ))
 }
 
 fn unreachable(url: &str) -> String {
@@ -94,6 +150,24 @@ fn refused(url: &str, what: &str, status: &Status) -> anyhow::Error {
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded => {
             anyhow::anyhow!("{what}: {}", status.message()).context(unreachable(url))
+        }
+        Code::Unauthenticated => anyhow::anyhow!(
+            "{what}: the coordinator at {url} refused the token: {}",
+            status.message()
+        ),
+        // The connection broke under the call; with TLS that is most often a certificate.
+        code @ (Code::Unknown | Code::Cancelled | Code::Internal)
+            if std::error::Error::source(status).is_some() =>
+        {
+            let hint = if url.starts_with("https://") {
+                "a coordinator that requires client certificates needs --tls-cert and --tls-key"
+            } else {
+                "a coordinator that serves TLS needs an https:// URL and --tls-ca"
+            };
+            anyhow::anyhow!(
+                "{what}: the connection to the coordinator at {url} broke: {} ({code:?}; {hint})",
+                status_text(status)
+            )
         }
         code => anyhow::anyhow!("{what}: {} ({code:?})", status.message()),
     }
@@ -132,11 +206,12 @@ fn absolute_paths(mut raw: RawJobSpec, dir: &Path) -> RawJobSpec {
 }
 
 /// Runs `spinctl submit`: prints the new job's id alone on a line, then follows it if asked.
-pub fn submit(url: &str, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+pub fn submit(remote: &Remote, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let url = remote.url();
     let env: HashMap<String, String> = std::env::vars().collect();
     let spec_toml = submission_toml(&args.spec, &env)?;
     runtime()?.block_on(async {
-        let mut client = connect(url).await?;
+        let mut client = connect_to(remote).await?;
         let id = client
             .submit_job(v1::SubmitJobRequest { spec_toml })
             .await
@@ -152,9 +227,10 @@ pub fn submit(url: &str, args: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs `spinctl status`: one job in detail, or the table of all.
-pub fn status(url: &str, args: StatusArgs) -> anyhow::Result<ExitCode> {
+pub fn status(remote: &Remote, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let url = remote.url();
     runtime()?.block_on(async {
-        let mut client = connect(url).await?;
+        let mut client = connect_to(remote).await?;
         match args.job {
             Some(job) => {
                 let status = get_job(url, &mut client, job).await?;
@@ -167,18 +243,20 @@ pub fn status(url: &str, args: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs `spinctl list`: the table of every job, newest first.
-pub fn list(url: &str) -> anyhow::Result<ExitCode> {
+pub fn list(remote: &Remote) -> anyhow::Result<ExitCode> {
+    let url = remote.url();
     runtime()?.block_on(async {
-        let mut client = connect(url).await?;
+        let mut client = connect_to(remote).await?;
         print!("{}", jobs_table(&list_jobs(url, &mut client).await?));
         Ok(ExitCode::SUCCESS)
     })
 }
 
 /// Runs `spinctl cancel`: prints the job's phase after the request.
-pub fn cancel(url: &str, args: CancelArgs) -> anyhow::Result<ExitCode> {
+pub fn cancel(remote: &Remote, args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let url = remote.url();
     runtime()?.block_on(async {
-        let mut client = connect(url).await?;
+        let mut client = connect_to(remote).await?;
         let phase = client
             .cancel_job(v1::CancelJobRequest {
                 job_id: args.job.to_string(),
@@ -193,9 +271,10 @@ pub fn cancel(url: &str, args: CancelArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs `spinctl logs`.
-pub fn logs(url: &str, args: LogsArgs) -> anyhow::Result<ExitCode> {
+pub fn logs(remote: &Remote, args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let url = remote.url();
     runtime()?.block_on(async {
-        let mut client = connect(url).await?;
+        let mut client = connect_to(remote).await?;
         watch(
             url,
             &mut client,
@@ -211,7 +290,7 @@ pub fn logs(url: &str, args: LogsArgs) -> anyhow::Result<ExitCode> {
 /// job ended into the exit code, telling stderr why a job failed or was cancelled.
 async fn watch(
     url: &str,
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobClient,
     id: &str,
     follow: bool,
     from_sequence: u64,
@@ -239,11 +318,7 @@ async fn watch(
     Ok(ExitCode::from(outcome.exit_code()))
 }
 
-async fn get_job(
-    url: &str,
-    client: &mut JobServiceClient<Channel>,
-    job: JobId,
-) -> anyhow::Result<v1::JobStatus> {
+async fn get_job(url: &str, client: &mut JobClient, job: JobId) -> anyhow::Result<v1::JobStatus> {
     Ok(client
         .get_job(v1::GetJobRequest {
             job_id: job.to_string(),
@@ -253,10 +328,7 @@ async fn get_job(
         .into_inner())
 }
 
-async fn list_jobs(
-    url: &str,
-    client: &mut JobServiceClient<Channel>,
-) -> anyhow::Result<Vec<v1::JobStatus>> {
+async fn list_jobs(url: &str, client: &mut JobClient) -> anyhow::Result<Vec<v1::JobStatus>> {
     Ok(client
         .list_jobs(v1::ListJobsRequest {})
         .await

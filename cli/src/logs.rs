@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use spin_common::proto::v1::{
-    self, job_event::Event, job_service_client::JobServiceClient, PhaseKind,
-};
+use spin_common::proto::v1::{self, job_event::Event, PhaseKind};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+use crate::client::JobClient;
 
 /// How progress is drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +156,7 @@ impl Default for FollowOptions {
 /// job is unknown, the request is refused, the coordinator stays unreachable for
 /// `opts.backoff.attempts` tries, or `out` fails.
 pub async fn follow(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobClient,
     job_id: &str,
     out: &mut impl Write,
     opts: &FollowOptions,
@@ -200,7 +199,7 @@ pub async fn follow(
 /// at the job's pace), or after `opts.show_limit`. A job still running gives
 /// [`Outcome::Running`]; one that ended gives how, from its final event or its status.
 pub async fn show(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobClient,
     job_id: &str,
     out: &mut impl Write,
     opts: &FollowOptions,
@@ -276,7 +275,7 @@ impl<'a, W: Write> Watcher<'a, W> {
     /// or the stream closed without a final event.
     async fn attempt(
         &mut self,
-        client: &mut JobServiceClient<Channel>,
+        client: &mut JobClient,
         live: bool,
     ) -> Result<Option<Outcome>, Broken> {
         let status = client
@@ -345,8 +344,13 @@ impl<'a, W: Write> Watcher<'a, W> {
         let text = self.renderer.finish();
         // The request's error matters more than a failed write of a newline.
         let _ = self.write(&text);
+        let refused = if status.code() == Code::Unauthenticated {
+            "the coordinator refused the token: "
+        } else {
+            ""
+        };
         anyhow::anyhow!(
-            "watching job {}: {} ({:?})",
+            "watching job {}: {refused}{} ({:?})",
             self.job_id,
             status.message(),
             status.code()

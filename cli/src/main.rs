@@ -1,9 +1,11 @@
 //! `spinctl`: the spin-diffusion command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use spin_cli::{client, demo, init_tracing, sample, train};
+use spin_common::tls::TlsSettings;
 
 /// spin-diffusion: SPIN-Diffusion fine-tuning of diffusers text-to-image models.
 #[derive(Parser, Debug)]
@@ -15,6 +17,28 @@ struct Cli {
     /// The coordinator that submit, status, list, cancel and logs talk to.
     #[arg(long, global = true, env = "SPIN_COORDINATOR", default_value = client::DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// The coordinator's API token, sent on every call (prefer SPIN_TOKEN: a flag shows in the
+    /// process list).
+    #[arg(
+        long,
+        global = true,
+        env = "SPIN_TOKEN",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    token: String,
+    /// CA certificate (PEM) that verifies an https:// coordinator (an address without a scheme
+    /// is then dialled over https).
+    #[arg(long, global = true, env = "SPIN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires one (mutual TLS); with
+    /// --tls-key.
+    #[arg(long, global = true, env = "SPIN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "SPIN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,14 +70,23 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
-    let url = client::normalize_url(&cli.coordinator);
+    // Read only by the commands that talk to the coordinator.
+    let remote = || {
+        let tls = TlsSettings::load(
+            cli.tls_ca.as_deref(),
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+            ["--tls-cert", "--tls-key"],
+        )?;
+        client::Remote::new(&cli.coordinator, &cli.token.as_str().into(), tls)
+    };
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Submit(args) => client::submit(&url, args),
-        Command::Status(args) => client::status(&url, args),
-        Command::List => client::list(&url),
-        Command::Cancel(args) => client::cancel(&url, args),
-        Command::Logs(args) => client::logs(&url, args),
+        Command::Submit(args) => remote().and_then(|r| client::submit(&r, args)),
+        Command::Status(args) => remote().and_then(|r| client::status(&r, args)),
+        Command::List => remote().and_then(|r| client::list(&r)),
+        Command::Cancel(args) => remote().and_then(|r| client::cancel(&r, args)),
+        Command::Logs(args) => remote().and_then(|r| client::logs(&r, args)),
         Command::Demo(args) => done(demo::run(args)),
         Command::Sample(args) => done(sample::run(args)),
         Command::Train(args) => done(train::run(args)),

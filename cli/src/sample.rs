@@ -64,6 +64,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         bail!("--latents gives the noise of one image; use --num-images 1 with it");
     }
     let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    // Refuse an output that cannot be written before sampling, not after.
+    check_folder("--out", &args.out)?;
+    if let Some(path) = &args.save_latents {
+        check_folder("--save-latents", path)?;
+    }
     let started = Instant::now();
     let pipeline = StableDiffusion::load(&args.model, &device)
         .with_context(|| format!("loading pipeline {}", args.model.display()))?;
@@ -127,6 +132,22 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
             .collect();
         write_safetensors(path, &tensors, None::<HashMap<String, String>>)?;
         eprintln!("wrote latents to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Fails unless the folder `path` would be written in exists.
+fn check_folder(flag: &str, path: &Path) -> anyhow::Result<()> {
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        bail!(
+            "{flag} {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        );
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! self-play loop in this process, and the synthetic data and model it is shown on.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use spin_common::spec::JobSpec;
@@ -30,9 +30,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let spec = JobSpec::load(&args.spec, &env)?;
     let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    check_inputs(&spec)?;
     tracing::info!(job = %spec.name, objective = ?spec.training.objective, iterations = spec.iterations.len(), output = %spec.output.display(), "starting local run");
-    let summary =
-        run_local(&spec, &device, log_event).with_context(|| format!("job {}", spec.name))?;
+    let fresh_output = !spec.output.exists();
+    let result = run_local(&spec, &device, log_event);
+    if result.is_err() && fresh_output && !holds_files(&spec.output) {
+        // A run that failed before writing anything leaves no empty output folder behind.
+        let _ = std::fs::remove_dir_all(&spec.output);
+    }
+    let summary = result.with_context(|| format!("job {}", spec.name))?;
     println!("job {} done", spec.name);
     for (snapshot, metrics) in summary.snapshots.iter().zip(summary.metrics.iter().skip(1)) {
         println!(
@@ -45,6 +51,31 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     println!("  metrics: {}", spec.output.join("metrics.json").display());
     Ok(())
+}
+
+/// Checks, before anything is written, that the spec's base model and data are there.
+fn check_inputs(spec: &JobSpec) -> anyhow::Result<()> {
+    let index = spec.base_model.join("model_index.json");
+    if !index.is_file() {
+        bail!(
+            "model.base {}: missing file {} (not a diffusers pipeline folder)",
+            spec.base_model.display(),
+            index.display()
+        );
+    }
+    spin_common::dataset::shard_files(&spec.train_data)?;
+    Ok(())
+}
+
+/// Whether `dir` holds any file, however deep (an unreadable folder counts as holding some).
+fn holds_files(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().any(|entry| {
+            let path = entry.path();
+            !path.is_dir() || holds_files(&path)
+        }),
+        Err(err) => err.kind() != std::io::ErrorKind::NotFound,
+    }
 }
 
 /// Logs one training event with tracing.

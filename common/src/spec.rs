@@ -449,11 +449,13 @@ impl RawJobSpec {
             .clone()
             .unwrap_or_else(|| "spin-job".to_string());
         if name.trim().is_empty() || name.len() > 200 {
-            return Err(invalid(
-                "job.name",
-                format!("{name:?}"),
-                "must be 1 to 200 characters",
-            ));
+            // A huge name is not echoed back whole.
+            let shown = if name.len() > 200 {
+                format!("a name of {} bytes", name.len())
+            } else {
+                format!("{name:?}")
+            };
+            return Err(invalid("job.name", shown, "must be 1 to 200 characters"));
         }
         if self.model.base.as_os_str().is_empty() {
             return Err(invalid(

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use spin_common::auth::Token;
 
 /// Everything a coordinator process is told.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,6 +34,20 @@ pub struct CoordinatorConfig {
     pub store: String,
     /// Open worker sessions a pending job waits for before it starts.
     pub min_workers: usize,
+    /// The bearer token every `JobService` call must carry (`spinctl --token`); empty: none.
+    pub api_token: Token,
+    /// The token workers present to register and open their session; empty: none.
+    pub join_token: Token,
+    /// The coordinator's TLS certificate chain (PEM). With `tls_key`, every port is TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// A CA certificate (PEM): when set, every client (workers and `spinctl` alike) must
+    /// present a certificate it signed (mutual TLS). Needs `tls_cert` and `tls_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -47,6 +62,11 @@ impl Default for CoordinatorConfig {
             event_history: 4096,
             store: "spin-store".to_string(),
             min_workers: 1,
+            api_token: Token::default(),
+            join_token: Token::default(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -135,6 +155,38 @@ impl CoordinatorConfig {
                 reason: "must name a directory or a file:// URL",
             });
         }
+        for (token, field) in [
+            (&self.api_token, "api_token"),
+            (&self.join_token, "join_token"),
+        ] {
+            if token.check(field).is_err() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be visible ASCII characters without spaces",
+                });
+            }
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_key",
+                    reason: "must be set with tls_cert (both or neither)",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_cert",
+                    reason: "must be set with tls_key (both or neither)",
+                })
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "tls_client_ca",
+                reason: "needs tls_cert and tls_key: client certificates are checked over TLS",
+            });
+        }
         Ok(self)
     }
 }
@@ -204,6 +256,47 @@ mod tests {
         for (text, field) in [
             ("min_workers = 0\n", "min_workers"),
             ("store = \" \"\n", "store"),
+        ] {
+            let path = write(field, text);
+            let err = CoordinatorConfig::load(Some(&path), &HashMap::new())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn tokens_and_tls_files_come_from_the_file_or_the_environment() {
+        let path = write(
+            "tls",
+            "tls_cert = \"/etc/spin/c.pem\"\ntls_key = \"/etc/spin/c.key\"\n",
+        );
+        let env = HashMap::from([
+            ("SPIN_COORDINATOR__API_TOKEN".to_string(), "a-1".to_string()),
+            (
+                "SPIN_COORDINATOR__JOIN_TOKEN".to_string(),
+                "j-2".to_string(),
+            ),
+            (
+                "SPIN_COORDINATOR__TLS_CLIENT_CA".to_string(),
+                "/etc/spin/ca.pem".to_string(),
+            ),
+        ]);
+        let c = CoordinatorConfig::load(Some(&path), &env).unwrap();
+        assert_eq!(
+            (c.api_token.expose(), c.join_token.expose()),
+            ("a-1", "j-2")
+        );
+        assert_eq!(c.tls_cert, Some(PathBuf::from("/etc/spin/c.pem")));
+        assert_eq!(c.tls_key, Some(PathBuf::from("/etc/spin/c.key")));
+        assert_eq!(c.tls_client_ca, Some(PathBuf::from("/etc/spin/ca.pem")));
+        assert!(!format!("{c:?}").contains("a-1"), "tokens never print");
+
+        for (text, field) in [
+            ("tls_cert = \"c.pem\"\n", "tls_key"),
+            ("tls_key = \"c.key\"\n", "tls_cert"),
+            ("tls_client_ca = \"ca.pem\"\n", "tls_client_ca"),
+            ("api_token = \"two words\"\n", "api_token"),
         ] {
             let path = write(field, text);
             let err = CoordinatorConfig::load(Some(&path), &HashMap::new())

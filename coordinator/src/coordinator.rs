@@ -3,9 +3,16 @@
 //! hold the lock briefly; the tonic services and the tick call them off the async runtime
 //! (they may write the journal). [`dispatch`](crate::dispatch) decides which task goes where;
 //! this module carries its actions out.
+//!
+//! Job events are stored in the journal before anyone sees them: each log numbers an event
+//! into its outbox, and `save_events` (called off the async runtime at the end of every
+//! operation that pushes events) stores the outboxes in one journal transaction, then
+//! publishes them. A restarted coordinator rebuilds every log from the journal, so sequence
+//! numbers go on where they stopped, and it resumes the job that was running.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime};
 
@@ -20,10 +27,11 @@ use v1::job_event::Event;
 
 use crate::config::CoordinatorConfig;
 use crate::convert::job_status;
+use crate::dispatch::resume::{self, Found};
 use crate::dispatch::{JobRun, Plan};
 use crate::error::ServiceError;
 use crate::events::EventLog;
-use crate::journal::{JobRecord, Journal, TransitionRecord};
+use crate::journal::{JobRecord, Journal, JournalError, TransitionRecord};
 use crate::membership::{Device, Member, Membership};
 use crate::service::job::parse_spec;
 use crate::state::{JobShape, JobState, Trigger};
@@ -42,10 +50,15 @@ struct Shared {
     store: Store,
     state: Mutex<State>,
     closing: watch::Sender<bool>,
+    /// Held while events are stored and published, so they are published in order.
+    saving: Mutex<()>,
+    /// Whether a save of events is queued on the blocking pool.
+    save_queued: AtomicBool,
 }
 
 struct State {
-    journal: Journal,
+    /// Shared so events are stored without the state lock held.
+    journal: Arc<Journal>,
     membership: Membership,
     /// The object store's directory (jobs live under `jobs/{id}`).
     store_root: PathBuf,
@@ -91,26 +104,40 @@ fn now_ms() -> i64 {
 
 impl Coordinator {
     /// Opens the journal and the object store named by `config` and rebuilds each job's
-    /// event log from the journal.
+    /// event log from the journal. A job that was running when the coordinator stopped is
+    /// resumed once `min_workers` sessions are open (see [`Coordinator::tick`]).
     pub fn open(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
-        let journal = Journal::open(&config.journal_path)?;
+        let journal = Arc::new(Journal::open(&config.journal_path)?);
         let store = Store::open(&config.store)?;
         let store_root = store.root().to_path_buf();
         let mut events = HashMap::new();
+        let mut last_step = HashMap::new();
+        let mut missing = Vec::new();
         for job in journal.jobs()? {
-            let mut log = EventLog::new(job.id.to_string(), config.event_history);
-            log.push(job.submitted_at_ms, submitted_event());
-            for record in journal.transitions(job.id)? {
-                push_transition(&mut log, &job, &record, &store_root);
+            let mut log = restore_log(&journal, &job, config.event_history, &store_root)?;
+            let outbox = log.take_outbox();
+            if !outbox.is_empty() {
+                missing.push((job.id, outbox));
+            }
+            if let Some(step) = log.last_step() {
+                last_step.insert(job.id, step);
             }
             events.insert(job.id, log);
+        }
+        // Events of transitions journaled without them (a crash between the two writes, or a
+        // journal from before events were stored) are stored now, before anyone sees them.
+        journal.append_events(&missing)?;
+        for (id, outbox) in missing {
+            if let Some(log) = events.get_mut(&id) {
+                log.publish(outbox);
+            }
         }
         let state = State {
             journal,
             membership: Membership::new(config.heartbeat_timeout),
             store_root,
             events,
-            last_step: HashMap::new(),
+            last_step,
             sessions: HashMap::new(),
             next_session: 0,
             active: None,
@@ -122,8 +149,67 @@ impl Coordinator {
                 store,
                 state: Mutex::new(state),
                 closing,
+                saving: Mutex::new(()),
+                save_queued: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Stores the events waiting in every log's outbox in the journal (one transaction, the
+    /// state lock not held meanwhile), then publishes them to the logs' watchers. Serialized,
+    /// so each log publishes in sequence order. Call it off the async runtime, without the
+    /// state lock. If the journal fails, the events are published all the same (a restart
+    /// loses them) rather than held back from every watcher.
+    fn save_events(&self) {
+        let _order = self
+            .shared
+            .saving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (journal, batch) = {
+            let mut state = self.lock();
+            let batch: Vec<(JobId, Vec<v1::JobEvent>)> = state
+                .events
+                .iter_mut()
+                .filter_map(|(id, log)| {
+                    let outbox = log.take_outbox();
+                    (!outbox.is_empty()).then_some((*id, outbox))
+                })
+                .collect();
+            (state.journal.clone(), batch)
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(err) = journal.append_events(&batch) {
+            tracing::error!(error = %err, "could not store job events; publishing them unstored");
+        }
+        let mut state = self.lock();
+        for (id, events) in batch {
+            if let Some(log) = state.events.get_mut(&id) {
+                log.publish(events);
+            }
+        }
+    }
+
+    /// Has the events pushed so far stored and published soon, on the blocking pool (at once
+    /// when there is no runtime): for callers on the async runtime. One save is queued at a
+    /// time; events pushed meanwhile go with it or with the next.
+    fn save_events_soon(&self) {
+        if self.shared.save_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let c = self.clone();
+        let save = move || {
+            c.shared.save_queued.store(false, Ordering::Release);
+            c.save_events();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(save);
+            }
+            Err(_) => save(),
+        }
     }
 
     /// The settings it runs with.
@@ -156,6 +242,8 @@ impl Coordinator {
         let mut log = EventLog::new(id.to_string(), self.shared.config.event_history);
         log.push(at, submitted_event());
         state.events.insert(id, log);
+        drop(state);
+        self.save_events();
         tracing::info!(job = %id, name = %spec.name, "job accepted");
         Ok(id)
     }
@@ -182,6 +270,8 @@ impl Coordinator {
             return Ok(job.state);
         }
         let record = state.apply(&job, Trigger::Cancel)?;
+        drop(state);
+        self.save_events();
         tracing::info!(job = %id, "job cancelled");
         Ok(record.to)
     }
@@ -262,6 +352,8 @@ impl Coordinator {
             actions.extend(state.forget(worker, &reason));
         }
         state.drive(actions, now);
+        drop(state);
+        self.save_events();
         tracing::info!(worker = %worker, session = id, "session opened");
         Ok(SessionHandle { id, outbound })
     }
@@ -282,7 +374,8 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Records step metrics reported by `worker` for its assigned job.
+    /// Records step metrics reported by `worker` for its assigned job. Called on the async
+    /// runtime: the step event is stored and published from the blocking pool.
     pub fn report_step(
         &self,
         worker: WorkerId,
@@ -296,10 +389,12 @@ impl Coordinator {
                 "worker {worker} reported a step but has no job"
             )));
         };
-        state.last_step.insert(job, metrics);
+        state.last_step.insert(job, metrics.clone());
         if let Some(log) = state.events.get_mut(&job) {
             log.push(now_ms(), Event::Step(metrics));
         }
+        drop(state);
+        self.save_events_soon();
         Ok(())
     }
 
@@ -328,21 +423,31 @@ impl Coordinator {
             }
         };
         state.drive(actions, now);
+        drop(state);
+        self.save_events();
         Ok(())
     }
 
     /// Ends `worker`'s session `session` (its stream broke or ended): the worker is lost. A
-    /// session already replaced by a newer one ends quietly. May write the journal.
+    /// session already replaced by a newer one ends quietly, and so does every session of a
+    /// coordinator shutting down: it sent the workers away, and its job resumes on the next
+    /// start as it was. May write the journal.
     pub fn end_session(&self, worker: WorkerId, session: u64, reason: &str) {
+        if *self.shared.closing.borrow() {
+            return;
+        }
         let mut state = self.lock();
         if state.sessions.get(&worker).is_some_and(|s| s.id == session) {
             state.lose(worker, reason, Instant::now());
         }
+        drop(state);
+        self.save_events();
     }
 
     /// Sweeps workers silent past the heartbeat timeout and expired leases, hands idle workers
-    /// tasks, then starts the oldest pending job if none is running and at least `min_workers`
-    /// sessions are open. Runs on the blocking pool: it writes the journal and reads datasets.
+    /// tasks, restarts training from the store when every replica was lost, then starts (or
+    /// resumes) a job if none is running and at least `min_workers` sessions are open. Runs on
+    /// the blocking pool: it writes the journal and reads datasets and checkpoints.
     pub fn tick(&self, now: Instant) {
         {
             let mut state = self.lock();
@@ -357,29 +462,70 @@ impl Coordinator {
             }
             state.drive(Vec::new(), now);
         }
+        self.restore_training(now);
         self.start_next(now);
+        self.save_events();
     }
 
-    /// Starts the oldest pending job when it may start. The dataset is read without the lock
-    /// held; the job starts only if nothing changed meanwhile.
+    /// When every replica of the running job's ring was lost, and `min_workers` of its
+    /// workers are connected again, finds the iteration's latest verified checkpoint (without
+    /// the lock held: verifying hashes it) and restarts the ring from it.
+    fn restore_training(&self, now: Instant) {
+        let min_workers = self.shared.config.min_workers.max(1);
+        let (job, k, job_dir) = {
+            let state = self.lock();
+            let Some(active) = &state.active else {
+                return;
+            };
+            let Some(k) = active.run.checkpoint_wanted() else {
+                return;
+            };
+            let job = active.run.job();
+            if state.job_members(job).len() < min_workers {
+                return;
+            }
+            (job, k, active.run.job_dir().to_path_buf())
+        };
+        let point = resume::survey_training(&job_dir, k);
+        let mut state = self.lock();
+        let Some(active) = state.active.as_mut().filter(|a| a.run.job() == job) else {
+            return;
+        };
+        tracing::info!(job = %job, iteration = k, next_step = point.next_step(), "training restarts from the store");
+        let actions = active.run.restore(&point);
+        state.drive(actions, now);
+    }
+
+    /// Starts the oldest pending job, or resumes a job a restart interrupted, when it may
+    /// start. The dataset and the store are read without the lock held; the job starts only
+    /// if nothing changed meanwhile.
     fn start_next(&self, now: Instant) {
         let min_workers = self.shared.config.min_workers;
         let job = match self.lock().startable(min_workers) {
             Ok(Some(job)) => job,
             Ok(None) => return,
             Err(err) => {
-                tracing::error!(error = %err, "could not look for a pending job");
+                tracing::error!(error = %err, "could not look for a job to start");
                 return;
             }
         };
         let prepared = self.prepare(&job);
+        let found = match &prepared {
+            Ok(run) if job.state != JobState::Pending => resume::survey(run.plan(), job.state),
+            _ => Found::Nothing,
+        };
         let mut state = self.lock();
         match state.startable(min_workers) {
-            Ok(Some(still)) if still.id == job.id => {}
+            Ok(Some(still)) if still.id == job.id && still.state == job.state => {}
             _ => return,
         }
-        if let Err(err) = state.start(&job, prepared, now) {
-            tracing::error!(job = %job.id, error = %err, "could not start a pending job");
+        let started = if job.state == JobState::Pending {
+            state.start(&job, prepared, now)
+        } else {
+            state.resume(&job, prepared, found, now)
+        };
+        if let Err(err) = started {
+            tracing::error!(job = %job.id, error = %err, "could not start a job");
         }
     }
 
@@ -441,7 +587,7 @@ impl State {
         job_status(
             job,
             u32::try_from(workers).unwrap_or(u32::MAX),
-            self.last_step.get(&job.id).copied(),
+            self.last_step.get(&job.id).cloned(),
         )
     }
 
@@ -539,6 +685,32 @@ const CANCELLED: &str = "cancelled on request";
 /// The store directory of `job` under the store at `store_root`.
 fn job_dir(store_root: &Path, job: JobId) -> PathBuf {
     store_root.join("jobs").join(job.to_string())
+}
+
+/// Job `job`'s event log from the journal: its stored events, then, in the outbox, those of
+/// any transition journaled without its events (a crash between the two writes, or a journal
+/// written before events were stored).
+fn restore_log(
+    journal: &Journal,
+    job: &JobRecord,
+    capacity: usize,
+    store_root: &Path,
+) -> Result<EventLog, JournalError> {
+    let stored = journal.events(job.id)?;
+    let phase_changes = stored
+        .iter()
+        .filter(|e| matches!(e.event, Some(Event::PhaseChanged(_))))
+        .count();
+    let mut log = EventLog::restore(job.id.to_string(), capacity, stored);
+    if phase_changes == 0 {
+        log.push(job.submitted_at_ms, submitted_event());
+    }
+    // The first phase change is the submission; each transition makes one more.
+    let told = phase_changes.saturating_sub(1);
+    for record in journal.transitions(job.id)?.iter().skip(told) {
+        push_transition(&mut log, job, record, store_root);
+    }
+    Ok(log)
 }
 
 /// The first event of every job: it entered `PENDING`.

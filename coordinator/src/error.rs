@@ -41,6 +41,9 @@ pub enum ServiceError {
     /// A bug or a lost internal task.
     #[error("internal: {0}")]
     Internal(String),
+    /// A token is missing or wrong; says which token is expected, never the token.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 impl From<MembershipError> for ServiceError {
@@ -74,6 +77,7 @@ impl From<ServiceError> for Status {
             },
             ServiceError::Journal(_) | ServiceError::Internal(_) => Status::internal(message),
             ServiceError::ShuttingDown => Status::unavailable(message),
+            ServiceError::Unauthenticated(_) => Status::unauthenticated(message),
         }
     }
 }

@@ -1,12 +1,16 @@
 //! The journal: every accepted job and every transition, in an embedded `redb` database, so a
 //! restarted coordinator resumes its jobs where they were. A transition is checked by
-//! [`transition`] and written with the job's new state in one database transaction.
+//! [`transition`] and written with the job's new state in one database transaction. Every
+//! job event is kept too (prost-encoded `JobEvent`s keyed by job and sequence), so a restarted
+//! coordinator's event logs go on from the sequence they reached.
 
 use std::path::{Path, PathBuf};
 
+use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use spin_common::ids::JobId;
+use spin_common::proto::v1;
 
 use crate::state::{transition, JobShape, JobState, TransitionError, Trigger};
 
@@ -14,6 +18,8 @@ use crate::state::{transition, JobShape, JobState, TransitionError, Trigger};
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 /// (job id, sequence) -> [`TransitionRecord`] as JSON.
 const TRANSITIONS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("transitions");
+/// (job id, event sequence) -> `v1::JobEvent`, prost-encoded.
+const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
 
 /// A job as the journal holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,6 +105,19 @@ pub enum JournalError {
         #[source]
         source: serde_json::Error,
     },
+    /// A stored event does not decode.
+    #[error("journal {path}: event {sequence} of job {job}: {source}")]
+    Event {
+        /// The database file.
+        path: PathBuf,
+        /// The job.
+        job: JobId,
+        /// The event's sequence number.
+        sequence: u64,
+        /// The decoder's reason.
+        #[source]
+        source: prost::DecodeError,
+    },
     /// The job id is taken.
     #[error("job {0} is already in the journal")]
     Duplicate(JobId),
@@ -129,6 +148,7 @@ impl Journal {
         let txn = db.begin_write().db(path)?;
         txn.open_table(JOBS).db(path)?;
         txn.open_table(TRANSITIONS).db(path)?;
+        txn.open_table(EVENTS).db(path)?;
         txn.commit().db(path)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -240,6 +260,48 @@ impl Journal {
         for entry in table.range((key, 0)..=(key, u64::MAX)).db(&self.path)? {
             let (_, bytes) = entry.db(&self.path)?;
             out.push(self.decode(id, bytes.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Stores `events` (each job's, in sequence order) in one database transaction; an event
+    /// already stored under the same job and sequence is replaced.
+    pub fn append_events(&self, events: &[(JobId, Vec<v1::JobEvent>)]) -> Result<(), JournalError> {
+        if events.iter().all(|(_, e)| e.is_empty()) {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().db(&self.path)?;
+        {
+            let mut table = txn.open_table(EVENTS).db(&self.path)?;
+            for (job, events) in events {
+                for event in events {
+                    let bytes = event.encode_to_vec();
+                    table
+                        .insert((job.0.as_u128(), event.sequence), bytes.as_slice())
+                        .db(&self.path)?;
+                }
+            }
+        }
+        txn.commit().db(&self.path)
+    }
+
+    /// Job `id`'s stored events, oldest first.
+    pub fn events(&self, id: JobId) -> Result<Vec<v1::JobEvent>, JournalError> {
+        let txn = self.db.begin_read().db(&self.path)?;
+        let table = txn.open_table(EVENTS).db(&self.path)?;
+        let key = id.0.as_u128();
+        let mut out = Vec::new();
+        for entry in table.range((key, 0)..=(key, u64::MAX)).db(&self.path)? {
+            let (k, bytes) = entry.db(&self.path)?;
+            let sequence = k.value().1;
+            let event =
+                v1::JobEvent::decode(bytes.value()).map_err(|source| JournalError::Event {
+                    path: self.path.clone(),
+                    job: id,
+                    sequence,
+                    source,
+                })?;
+            out.push(event);
         }
         Ok(out)
     }
@@ -420,6 +482,42 @@ mod tests {
         ));
         assert_eq!(journal.job(stranger).unwrap(), None);
         assert!(matches!(journal.accept(&a), Err(JournalError::Duplicate(id)) if id == a.id));
+    }
+
+    #[test]
+    fn events_are_kept_per_job_in_sequence_order_across_a_reopen() {
+        let tmp = TempDb::new("events");
+        let (a, b) = (job("a", 1), job("b", 2));
+        let event = |job: &JobRecord, sequence: u64, text: &str| v1::JobEvent {
+            job_id: job.id.to_string(),
+            sequence,
+            at_ms: 7,
+            event: Some(v1::job_event::Event::Warning(v1::Warning {
+                message: text.into(),
+            })),
+        };
+        {
+            let journal = Journal::open(&tmp.path()).unwrap();
+            journal.accept(&a).unwrap();
+            journal.accept(&b).unwrap();
+            journal
+                .append_events(&[
+                    (a.id, vec![event(&a, 0, "a0"), event(&a, 1, "a1")]),
+                    (b.id, vec![event(&b, 0, "b0")]),
+                ])
+                .unwrap();
+            journal
+                .append_events(&[(a.id, vec![event(&a, 2, "a2")]), (b.id, Vec::new())])
+                .unwrap();
+            journal.append_events(&[]).unwrap();
+        }
+        let journal = Journal::open(&tmp.path()).unwrap();
+        assert_eq!(
+            journal.events(a.id).unwrap(),
+            [event(&a, 0, "a0"), event(&a, 1, "a1"), event(&a, 2, "a2")]
+        );
+        assert_eq!(journal.events(b.id).unwrap(), [event(&b, 0, "b0")]);
+        assert!(journal.events(JobId::new()).unwrap().is_empty());
     }
 
     #[test]

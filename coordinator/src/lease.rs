@@ -32,7 +32,8 @@ enum Slot {
         attempts: u32,
     },
     Done {
-        worker: WorkerId,
+        /// `None`: found already written when the phase resumed.
+        worker: Option<WorkerId>,
     },
 }
 
@@ -178,11 +179,25 @@ impl LeaseTable {
         match *slot {
             Slot::Done { .. } => Ok(Completion::Duplicate),
             Slot::Leased { worker: holder, .. } if holder == worker => {
-                *slot = Slot::Done { worker };
+                *slot = Slot::Done {
+                    worker: Some(worker),
+                };
                 Ok(Completion::Accepted)
             }
             _ => Err(LeaseError::NotHolder { shard, worker }),
         }
+    }
+
+    /// Marks `shard` finished without a lease: its output was found already written when the
+    /// phase resumed.
+    pub fn mark_done(&mut self, shard: u32) -> Result<(), LeaseError> {
+        let len = self.len();
+        let slot = self
+            .slots
+            .get_mut(shard as usize)
+            .ok_or(LeaseError::UnknownShard { shard, len })?;
+        *slot = Slot::Done { worker: None };
+        Ok(())
     }
 
     /// Reopens `shard` after its holder reported a retryable failure.
@@ -339,6 +354,23 @@ mod tests {
         assert!(table.expire(secs(t0, 1000)).is_empty());
         assert!(table.release_worker(a).is_empty());
         assert_eq!(table.next_expiry(), None);
+    }
+
+    #[test]
+    fn shards_found_written_are_done_without_a_lease() {
+        let t0 = Instant::now();
+        let a = WorkerId::new();
+        let mut table = LeaseTable::new(3, TTL);
+        table.mark_done(0).unwrap();
+        table.mark_done(2).unwrap();
+        assert_eq!(table.done(), 2);
+        assert_eq!(table.grant(a, t0).unwrap().shard, 1);
+        assert_eq!(table.grant(a, t0), None);
+        assert_eq!(table.complete(0, a), Ok(Completion::Duplicate));
+        assert_eq!(
+            table.mark_done(3),
+            Err(LeaseError::UnknownShard { shard: 3, len: 3 })
+        );
     }
 
     #[test]

@@ -2,21 +2,26 @@
 //! coordinator, keeps one session (heartbeats up, tasks down) and runs tasks on one compute
 //! thread with a [`JobRunner`]. A broken session is re-opened as a new worker (the
 //! coordinator has already counted the old one lost); the job's state is dropped with it.
+//! With a certificate the collective port is TLS; the join token goes with every call, to the
+//! coordinator and to ring peers, and the collective port requires it.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
+use spin_common::auth::{Bearer, Token};
 use spin_common::proto::v1;
 use spin_common::shards::Shard;
 use spin_common::spec::{JobSpec, RawJobSpec};
 use spin_common::store::Store;
+use spin_common::tls::{error_chain, status_text, TlsSettings};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
 use v1::control_service_client::ControlServiceClient;
 use v1::coordinator_message::Message as Down;
 use v1::worker_message::Message as Up;
@@ -45,6 +50,13 @@ pub struct WorkerConfig {
     pub connect_timeout: Duration,
     /// How long a ring may wait on a peer before the all-reduce is aborted.
     pub ring_timeout: Duration,
+    /// The CA certificate (PEM) that verifies the coordinator and ring peers on `https://`.
+    pub tls_ca: Option<PathBuf>,
+    /// This worker's certificate (PEM): served on the collective port (then TLS only) and
+    /// presented to a coordinator that requires client certificates.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -57,6 +69,9 @@ impl Default for WorkerConfig {
             join_token: String::new(),
             connect_timeout: Duration::from_secs(60),
             ring_timeout: Duration::from_secs(60),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -100,6 +115,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let device = parse_device(&config.device).map_err(DaemonError::Config)?;
+    let (options, coordinator, bearer) = links(&config)?;
     let listener = tokio::net::TcpListener::bind(config.collective_listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -121,7 +137,13 @@ pub async fn run(
         }
         None => bound.to_string(),
     };
-    let inbox = CollectiveInbox::new(&GrpcOptions::default());
+    // Peers dial TLS when this worker serves it.
+    let advertise = if options.tls.identity.is_some() && !advertise.contains("://") {
+        format!("https://{advertise}")
+    } else {
+        advertise
+    };
+    let inbox = CollectiveInbox::new(&options);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(inbox.clone().serve(listener, async {
         let _ = server_stopped.await;
@@ -145,7 +167,7 @@ pub async fn run(
     let mut generation: u64 = 0;
     let result = loop {
         let session = tokio::select! {
-            s = open_session(&config, &advertise) => s,
+            s = open_session(&config, &coordinator, &bearer, &advertise) => s,
             () = &mut shutdown => break Ok(()),
         };
         let (worker_id, heartbeat, tx, mut inbound) = match session {
@@ -228,8 +250,50 @@ type Session = (
     tonic::Streaming<v1::CoordinatorMessage>,
 );
 
+/// The collective options (join token, TLS), the coordinator's endpoint and the join token as
+/// bearer metadata. The PEM files are read here, so a bad one stops the start, named.
+fn links(config: &WorkerConfig) -> Result<(GrpcOptions, Endpoint, Bearer), DaemonError> {
+    let tls = TlsSettings::load(
+        config.tls_ca.as_deref(),
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+        ["--tls-cert", "--tls-key"],
+    )
+    .map_err(|e| DaemonError::Config(e.to_string()))?;
+    let join_token = Token::from(config.join_token.as_str());
+    let bearer =
+        Bearer::new("--join-token", &join_token).map_err(|e| DaemonError::Config(e.to_string()))?;
+    let coordinator = tls
+        .endpoint(&config.coordinator)
+        .map_err(|e| DaemonError::Config(format!("coordinator URL {e} (--tls-ca)")))?;
+    let options = GrpcOptions {
+        join_token,
+        tls,
+        ..GrpcOptions::default()
+    };
+    Ok((options, coordinator, bearer))
+}
+
+/// Whether a failed connection was a TLS refusal (an unverifiable certificate, a handshake
+/// alert), which retrying will not change.
+fn tls_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::InvalidData;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// Registers (retrying until `connect_timeout`) and opens the session stream.
-async fn open_session(config: &WorkerConfig, advertise: &str) -> Result<Session, DaemonError> {
+async fn open_session(
+    config: &WorkerConfig,
+    coordinator: &Endpoint,
+    bearer: &Bearer,
+    advertise: &str,
+) -> Result<Session, DaemonError> {
     let err = |message: String| DaemonError::Coordinator {
         url: config.coordinator.clone(),
         message,
@@ -238,9 +302,11 @@ async fn open_session(config: &WorkerConfig, advertise: &str) -> Result<Session,
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let mut client = ControlServiceClient::connect(config.coordinator.clone())
-                .await
-                .map_err(|e| (true, format!("cannot connect: {e}")))?;
+            let channel = coordinator.connect().await.map_err(|e| {
+                let retry = !tls_refused(&e);
+                (retry, format!("cannot connect: {}", error_chain(&e)))
+            })?;
+            let mut client = ControlServiceClient::with_interceptor(channel, bearer.clone());
             let registered = client
                 .register_worker(v1::RegisterWorkerRequest {
                     join_token: config.join_token.clone(),
@@ -255,7 +321,7 @@ async fn open_session(config: &WorkerConfig, advertise: &str) -> Result<Session,
                 .map_err(|s| {
                     // Refusals other than "unavailable" will not change by retrying.
                     let retry = s.code() == tonic::Code::Unavailable;
-                    (retry, format!("registration refused: {}", s.message()))
+                    (retry, format!("registration refused: {}", status_text(&s)))
                 })?
                 .into_inner();
             let (tx, rx) = mpsc::channel(256);
@@ -269,7 +335,10 @@ async fn open_session(config: &WorkerConfig, advertise: &str) -> Result<Session,
             let inbound = client
                 .session(ReceiverStream::new(rx))
                 .await
-                .map_err(|s| (true, format!("session refused: {}", s.message())))?
+                .map_err(|s| {
+                    let retry = s.code() != tonic::Code::Unauthenticated;
+                    (retry, format!("session refused: {}", status_text(&s)))
+                })?
                 .into_inner();
             let heartbeat =
                 Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(50)));
@@ -545,7 +614,7 @@ fn train(
             config,
             &GrpcOptions {
                 connect_timeout: ring_timeout,
-                ..GrpcOptions::default()
+                ..inbox.options().clone()
             },
         ) {
             Ok(ring) => Box::new(ring),

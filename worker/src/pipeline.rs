@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution as _, StandardNormal};
 
 use crate::error::ModelError;
-use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::unet_2d_condition::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::{DdimScheduler, SchedulerConfig};
 use crate::text::{ClipTextConfig, ClipTextModel, ClipTokenizer};
@@ -79,6 +79,13 @@ impl StableDiffusion {
         };
         let scheduler_config =
             SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        check_fit(
+            dir,
+            &tokenizer,
+            &text_config,
+            &unet_config,
+            vae.as_ref().map(|(_, config)| config),
+        )?;
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer,
@@ -140,6 +147,15 @@ impl StableDiffusion {
         options: &SampleOptions,
         progress: impl FnMut(usize, usize),
     ) -> Result<Tensor<4>, ModelError> {
+        let [n, c, h, w] = latents.dims();
+        let channels = self.unet_config.in_channels;
+        if n == 0 || c != channels || h == 0 || w == 0 {
+            return Err(ModelError::InputShape {
+                what: "latents".into(),
+                found: vec![n, c, h, w],
+                expected: format!("[N, {channels}, H, W] with N, H and W at least 1"),
+            });
+        }
         let device = latents.device();
         let cond = self.encode_prompts(&[prompt], &device)?;
         let uncond = self.encode_prompts(&[negative_prompt.unwrap_or("")], &device)?;
@@ -167,7 +183,7 @@ impl StableDiffusion {
             if b == n {
                 t.clone()
             } else {
-                t.clone().slice([0..1]).expand([n, l, d])
+                t.clone().narrow(0, 0, 1).expand([n, l, d])
             }
         };
         let guided = options.guidance > 1.0;
@@ -195,8 +211,8 @@ impl StableDiffusion {
                 Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), &device);
             let noise_pred = self.unet.forward(input, timesteps, context.clone());
             let noise_pred = if guided {
-                let uncond = noise_pred.clone().slice([0..n]);
-                let cond = noise_pred.slice([n..2 * n]);
+                let uncond = noise_pred.clone().narrow(0, 0, n);
+                let cond = noise_pred.narrow(0, n, n);
                 uncond.clone() + (cond - uncond) * options.guidance
             } else {
                 noise_pred
@@ -227,6 +243,76 @@ impl StableDiffusion {
         };
         (image / 2.0 + 0.5).clamp(0.0, 1.0)
     }
+}
+
+/// Checks that the components of the folder `dir` fit together, so that a mismatch is an
+/// error naming the files at load time rather than a shape panic in the first forward pass.
+fn check_fit(
+    dir: &Path,
+    tokenizer: &ClipTokenizer,
+    text: &ClipTextConfig,
+    unet: &UNet2DConditionConfig,
+    vae: Option<&AutoencoderKLConfig>,
+) -> Result<(), ModelError> {
+    let misfit = |file: &str, message: String| ModelError::Config {
+        path: dir.join(file),
+        message,
+    };
+    if tokenizer.max_length() > text.max_position_embeddings {
+        return Err(misfit(
+            "tokenizer",
+            format!(
+                "model_max_length {} is longer than the text encoder's max_position_embeddings \
+                 {} (text_encoder/config.json)",
+                tokenizer.max_length(),
+                text.max_position_embeddings
+            ),
+        ));
+    }
+    if tokenizer.id_limit() > text.vocab_size {
+        return Err(misfit(
+            "tokenizer",
+            format!(
+                "token ids go up to {}, past the text encoder's vocab_size {} \
+                 (text_encoder/config.json)",
+                tokenizer.id_limit() - 1,
+                text.vocab_size
+            ),
+        ));
+    }
+    let widths = match &unet.cross_attention_dim {
+        OneOrMany::One(d) => vec![*d],
+        OneOrMany::Many(ds) => ds.clone(),
+    };
+    if let Some(width) = widths.iter().find(|&&d| d != text.hidden_size) {
+        return Err(misfit(
+            "unet/config.json",
+            format!(
+                "cross_attention_dim {width} does not match the text encoder's hidden_size {} \
+                 (text_encoder/config.json)",
+                text.hidden_size
+            ),
+        ));
+    }
+    let (channels, source) = match vae {
+        Some(vae) => (
+            vae.latent_channels,
+            "the vae's latent_channels (vae/config.json) is",
+        ),
+        None => (3, "a pipeline with no vae denoises RGB pixels and needs"),
+    };
+    for (option, value) in [
+        ("in_channels", unet.in_channels),
+        ("out_channels", unet.out_channels),
+    ] {
+        if value != channels {
+            return Err(misfit(
+                "unet/config.json",
+                format!("{option} is {value}, but {source} {channels}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What the DDIM loop produced.

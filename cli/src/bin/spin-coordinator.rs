@@ -1,5 +1,7 @@
 //! `spin-coordinator`: binds the listen address, reads the settings and runs the coordinator
-//! until ctrl-c or SIGTERM; `--address-file` tells scripts and tests the bound port.
+//! until ctrl-c or SIGTERM; `--address-file` tells scripts and tests the bound port. Tokens come
+//! from the settings file or `SPIN_COORDINATOR__API_TOKEN` / `__JOIN_TOKEN` (never a flag, which
+//! other users could read in the process list); TLS files from the settings or the flags.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +28,17 @@ struct Args {
     /// this file, atomically; it is removed on a clean exit.
     #[arg(long)]
     address_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key the port serves TLS only (overrides the
+    /// config's `tls_cert`).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the TLS certificate (overrides `tls_key`).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM): every client must present a certificate it signed (mutual TLS;
+    /// overrides `tls_client_ca`).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -40,6 +53,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(journal) = args.journal {
         config.journal_path = journal;
     }
+    config.tls_cert = args.tls_cert.or(config.tls_cert);
+    config.tls_key = args.tls_key.or(config.tls_key);
+    config.tls_client_ca = args.tls_client_ca.or(config.tls_client_ca);
     let config = config.validate()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

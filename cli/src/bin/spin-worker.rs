@@ -3,6 +3,7 @@
 //! shutdown. Every flag has a `SPIN_*` environment variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -43,6 +44,17 @@ struct Args {
     /// Seconds a gradient all-reduce waits on a silent peer before it is aborted.
     #[arg(long, env = "SPIN_WORKER_RING_TIMEOUT_S", default_value_t = 60)]
     ring_timeout_s: u64,
+    /// CA certificate (PEM) that verifies the coordinator and ring peers over TLS (needed for
+    /// an https:// coordinator URL).
+    #[arg(long, env = "SPIN_WORKER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This worker's certificate (PEM): the collective port serves TLS with it, and it is the
+    /// client certificate for a coordinator that requires one. Needs --tls-key.
+    #[arg(long, env = "SPIN_WORKER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "SPIN_WORKER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -60,6 +72,9 @@ async fn main() -> std::process::ExitCode {
         join_token: args.join_token,
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         ring_timeout: Duration::from_secs(args.ring_timeout_s.max(1)),
+        tls_ca: args.tls_ca,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
     };
     let shutdown = async {
         #[cfg(unix)]

@@ -41,6 +41,8 @@ pub struct Shape {
     pub accumulation: usize,
     /// Checkpoint every N steps (0: only at each iteration's end).
     pub checkpoint_every: u64,
+    /// Learning rate of every iteration.
+    pub lr: f64,
 }
 
 impl Default for Shape {
@@ -51,6 +53,7 @@ impl Default for Shape {
             batch: 2,
             accumulation: 2,
             checkpoint_every: 0,
+            lr: 1e-3,
         }
     }
 }
@@ -63,7 +66,12 @@ pub fn spin_spec(data: &Path, base: &Path, output: &Path) -> String {
 /// A SPIN job of `shape` on the toy data, 3 shards of prompts.
 pub fn spec(data: &Path, base: &Path, output: &Path, shape: &Shape) -> String {
     let iterations: String = (0..shape.iterations)
-        .map(|_| format!("[[iteration]]\nlr = 1e-3\nbeta = 2000.0\nsteps = {}\n", shape.steps))
+        .map(|_| {
+            format!(
+                "[[iteration]]\nlr = {:e}\nbeta = 2000.0\nsteps = {}\n",
+                shape.lr, shape.steps
+            )
+        })
         .collect();
     format!(
         r#"[job]

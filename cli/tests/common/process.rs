@@ -58,7 +58,6 @@ pub fn spinctl(url: &str) -> Command {
     c
 }
 
-
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::OpenOptions::new()
         .create(true)

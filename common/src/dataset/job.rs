@@ -36,9 +36,11 @@ pub fn shard_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DatasetError> {
         }
     }
     if files.is_empty() {
-        return Err(DatasetError::InvalidArgument(
-            "data.train holds no parquet shards".into(),
-        ));
+        let listed: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        return Err(DatasetError::InvalidArgument(format!(
+            "data.train holds no parquet shards (looked in {})",
+            listed.join(", ")
+        )));
     }
     Ok(files)
 }
@@ -62,8 +64,12 @@ impl JobPrompts {
         }
         if train.is_empty() {
             return Err(DatasetError::InvalidArgument(format!(
-                "no training prompts: {} usable pairs, held-out fraction {}",
+                "no training prompts in data.train: {} usable pairs of {} rows read \
+                 ({} ties dropped, {} corrupt rows skipped), held-out fraction {}",
                 pairs.len(),
+                report.rows,
+                report.ties_dropped,
+                report.skipped.len(),
                 spec.held_out_fraction
             )));
         }

@@ -18,12 +18,26 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, DatasetError> {
     Ok(image.to_rgb8())
 }
 
+/// Longest side, in short sides, that is resized whole; a longer image has its long side
+/// cropped to this first (only the centre square survives anyway).
+const MAX_ASPECT: u32 = 4;
+
 /// Resize so the short side is `resolution` (bilinear, antialiased when shrinking), then crop
 /// the centre `resolution x resolution` square.
+///
+/// An image more than [`MAX_ASPECT`] times longer than wide (or wide than long) is first
+/// cropped to its centre `MAX_ASPECT : 1` part: resizing a 1 x 40000 image whole to a short
+/// side of 512 would ask for a 512 x 20480000 buffer.
 pub fn resize_center_crop(image: &RgbImage, resolution: u32) -> RgbImage {
     let (w, h) = image.dimensions();
     if (w, h) == (resolution, resolution) || w == 0 || h == 0 {
         return image.clone();
+    }
+    let limit = |short: u32| short.saturating_mul(MAX_ASPECT);
+    if w > limit(h) || h > limit(w) {
+        let (cw, ch) = (w.min(limit(h)), h.min(limit(w)));
+        let cropped = imageops::crop_imm(image, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
+        return resize_center_crop(&cropped, resolution);
     }
     let scale = |long: u32, short: u32| -> u32 {
         let scaled =

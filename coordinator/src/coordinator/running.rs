@@ -1,6 +1,6 @@
-//! The running job, carried out: starting it, assigning it to workers, sending the tasks and
-//! pushing the events [`dispatch`](crate::dispatch) decides, journaling its triggers, and
-//! losing workers.
+//! The running job, carried out: starting it (or resuming it after a restart), assigning it to
+//! workers, sending the tasks and pushing the events [`dispatch`](crate::dispatch) decides,
+//! journaling its triggers, and losing workers.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -11,6 +11,7 @@ use v1::coordinator_message::Message as Down;
 use v1::job_event::Event;
 
 use super::{now_ms, Active, State};
+use crate::dispatch::resume::Found;
 use crate::dispatch::{Action, JobRun};
 use crate::error::ServiceError;
 use crate::journal::JobRecord;
@@ -43,13 +44,16 @@ impl State {
         Ok(())
     }
 
-    /// The oldest pending job, when no job is running and enough sessions are open.
+    /// When no job is running and enough sessions are open: the oldest job a restart
+    /// interrupted (neither pending nor ended), else the oldest pending one.
     pub(super) fn startable(&self, min_workers: usize) -> Result<Option<JobRecord>, ServiceError> {
         if self.active.is_some() || self.sessions.len() < min_workers.max(1) {
             return Ok(None);
         }
         let live = self.journal.live_jobs()?;
-        Ok(live.into_iter().find(|j| j.state == JobState::Pending))
+        let interrupted = live.iter().find(|j| j.state != JobState::Pending);
+        let pending = || live.iter().find(|j| j.state == JobState::Pending);
+        Ok(interrupted.or_else(pending).cloned())
     }
 
     /// Starts pending `job` with its dispatch state, or fails it with the reason it cannot run.
@@ -68,11 +72,52 @@ impl State {
                 return Ok(());
             }
         };
+        tracing::info!(job = %job.id, workers = self.sessions.len(), "job started");
+        let mut actions = self.activate(job, run);
+        if let Some(active) = &mut self.active {
+            actions.extend(active.run.enter(to));
+        }
+        self.drive(actions, now);
+        Ok(())
+    }
+
+    /// Resumes `job`, interrupted in its journaled state by a coordinator restart, with its
+    /// dispatch state and what its store holds (`found`); fails it if it cannot run any more.
+    pub(super) fn resume(
+        &mut self,
+        job: &JobRecord,
+        prepared: Result<JobRun, String>,
+        found: Found,
+        now: Instant,
+    ) -> Result<(), ServiceError> {
+        let run = match prepared {
+            Ok(run) => run,
+            Err(reason) => {
+                let reason = format!(
+                    "the job cannot be resumed in {} after a coordinator restart: {reason}",
+                    job.state
+                );
+                tracing::warn!(job = %job.id, %reason, "job cannot resume");
+                self.apply(job, Trigger::Fail { reason })?;
+                return Ok(());
+            }
+        };
+        tracing::info!(job = %job.id, state = %job.state, workers = self.sessions.len(), "job resumed");
+        let mut actions = self.activate(job, run);
+        if let Some(active) = &mut self.active {
+            actions.extend(active.run.resume(job.state, found));
+        }
+        self.drive(actions, now);
+        Ok(())
+    }
+
+    /// Makes `job` the running job with dispatch state `run` and assigns it to every worker
+    /// with a session; returns the dispatcher's actions for workers that could not take it.
+    fn activate(&mut self, job: &JobRecord, run: JobRun) -> Vec<Action> {
         self.active = Some(Active {
             run,
             spec_toml: job.spec_toml.clone(),
         });
-        tracing::info!(job = %job.id, workers = self.sessions.len(), "job started");
         let workers: Vec<WorkerId> = self.sessions.keys().copied().collect();
         let mut actions = Vec::new();
         for worker in workers {
@@ -80,11 +125,7 @@ impl State {
                 actions.extend(self.forget(worker, &reason));
             }
         }
-        if let Some(active) = &mut self.active {
-            actions.extend(active.run.enter(to));
-        }
-        self.drive(actions, now);
-        Ok(())
+        actions
     }
 
     /// The running job's members with an open session.

@@ -8,7 +8,11 @@
 //! - Training forms a ring of the job's workers once none has a task in flight, and re-forms it
 //!   from the survivors at the step they agree on when a member is lost ([`training`]).
 //! - A snapshot is written by one replica of the last ring ([`snapshot`]).
+//! - A job interrupted by a coordinator restart re-enters its phase with what the store holds,
+//!   and training whose every replica was lost goes on from the latest checkpoint
+//!   ([`resume`]).
 
+pub mod resume;
 mod shards;
 mod snapshot;
 mod training;
@@ -28,6 +32,7 @@ use v1::job_event::Event;
 
 use crate::membership::Member;
 use crate::state::{JobState, Trigger};
+use resume::{Found, TrainingPoint};
 use shards::ShardPhase;
 use snapshot::SnapshotPhase;
 use training::Training;
@@ -229,7 +234,7 @@ impl JobRun {
             JobState::Snapshot(k) => {
                 let replicas = match &self.phase {
                     Phase::Training(t) => t.replicas(),
-                    _ => Vec::new(),
+                    _ => None,
                 };
                 Phase::Snapshot(SnapshotPhase::new(k, replicas))
             }
@@ -241,6 +246,84 @@ impl JobRun {
         match &self.phase {
             Phase::Shards(p) => p.finished_already(),
             Phase::Training(t) => t.finished_already(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Re-enters journaled state `state` of a job interrupted by a coordinator restart, with
+    /// what the store holds (`found`, from [`resume::survey`]): shards found written are done,
+    /// training goes on after the newest verified checkpoint, a verified snapshot is
+    /// published. Nobody holds any weights in memory, so every task loads them from the store.
+    pub fn resume(&mut self, state: JobState, found: Found) -> Vec<Action> {
+        let mut actions = self.enter(state);
+        if actions.iter().any(|a| matches!(a, Action::Apply(_))) {
+            // Nothing to do in the phase (no shard, no step).
+            return actions;
+        }
+        match (&mut self.phase, found) {
+            (Phase::Shards(p), Found::Shards { done }) => {
+                actions.push(warning(format!(
+                    "the coordinator restarted; resuming {state}: {} of {} shard(s) found written \
+                     in the store, the others are handed out again",
+                    done.len(),
+                    p.total()
+                )));
+                actions.extend(p.found_written(&done));
+            }
+            (Phase::Training(_), Found::Training(point)) => {
+                let steps = self.plan.steps.get(point.iteration as usize).copied();
+                let (training, more) =
+                    Training::resumed(point.iteration, steps.unwrap_or(0), &point);
+                self.phase = Phase::Training(training);
+                actions.extend(more);
+            }
+            (Phase::Snapshot(s), Found::Snapshot { dir, verified }) => {
+                let k = s.iteration();
+                match verified {
+                    Ok(()) => {
+                        actions.push(Action::Event(Event::SnapshotPublished(
+                            v1::SnapshotPublished {
+                                iteration: k,
+                                path: dir.display().to_string(),
+                            },
+                        )));
+                        actions.push(Action::Apply(Trigger::SnapshotPublished { iteration: k }));
+                    }
+                    Err(None) => actions.push(warning(format!(
+                        "the coordinator restarted; resuming {state}: {} is written from the \
+                         iteration's last checkpoint",
+                        dir.display()
+                    ))),
+                    Err(Some(reason)) => actions.push(warning(format!(
+                        "the coordinator restarted; resuming {state}: {} does not verify and is \
+                         written again from the iteration's last checkpoint: {reason}",
+                        dir.display()
+                    ))),
+                }
+            }
+            (_, found) => {
+                tracing::debug!(job = %self.job(), %state, ?found, "nothing found to resume from");
+            }
+        }
+        actions
+    }
+
+    /// The iteration whose every replica was lost, when training waits for the coordinator to
+    /// find where the store lets it go on ([`resume::survey_training`], then
+    /// [`JobRun::restore`]).
+    pub fn checkpoint_wanted(&self) -> Option<u32> {
+        match &self.phase {
+            Phase::Training(t) if t.checkpoint_wanted() => Some(t.iteration()),
+            _ => None,
+        }
+    }
+
+    /// Goes on with training from `point` after every replica was lost; the ring re-forms
+    /// with every connected worker. Stale points (another iteration, or nothing lost) are
+    /// ignored.
+    pub fn restore(&mut self, point: &TrainingPoint) -> Vec<Action> {
+        match &mut self.phase {
+            Phase::Training(t) if t.iteration() == point.iteration => t.restore(point),
             _ => Vec::new(),
         }
     }
@@ -303,7 +386,7 @@ impl JobRun {
                 Vec::new()
             }
             Phase::Training(t) => t.on_lost(worker, reason),
-            Phase::Snapshot(s) => s.on_lost(worker),
+            Phase::Snapshot(s) => s.on_lost(worker, reason),
         }
     }
 

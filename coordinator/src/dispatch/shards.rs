@@ -1,6 +1,7 @@
 //! The shard phases, preparing and sampling k: shards are leased one at a time to idle workers;
 //! a finished shard is never handed out again, a retryable failure reopens it (up to
-//! [`MAX_ATTEMPTS`] failures), and the phase ends when every shard is written.
+//! [`MAX_ATTEMPTS`] failures), and the phase ends when every shard is written. A resumed phase
+//! starts with the shards found written in the store already finished.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -39,6 +40,11 @@ impl ShardPhase {
         self.state
     }
 
+    /// Shards of the phase.
+    pub(super) fn total(&self) -> u32 {
+        self.table.len()
+    }
+
     /// The trigger that ends the phase.
     fn trigger(&self) -> Trigger {
         match self.state {
@@ -54,6 +60,28 @@ impl ShardPhase {
         } else {
             Vec::new()
         }
+    }
+
+    /// Marks `done` (shards whose output was found in the store) finished; returns the
+    /// progress, then the trigger if nothing is left.
+    pub(super) fn found_written(&mut self, done: &[u32]) -> Vec<Action> {
+        for &shard in done {
+            if let Err(err) = self.table.mark_done(shard) {
+                tracing::debug!(shard, error = %err, "a file of no planned shard ignored");
+            }
+        }
+        let mut actions = vec![self.progress()];
+        actions.extend(self.finished_already());
+        actions
+    }
+
+    /// Shards written so far, as an event.
+    fn progress(&self) -> Action {
+        Action::Event(Event::Shards(v1::ShardsProgress {
+            phase: Some(self.state.into()),
+            done: self.table.done(),
+            total: self.table.len(),
+        }))
     }
 
     /// The shard's name in messages.
@@ -160,11 +188,7 @@ impl ShardPhase {
                 return Vec::new();
             }
         }
-        let mut actions = vec![Action::Event(Event::Shards(v1::ShardsProgress {
-            phase: Some(self.state.into()),
-            done: self.table.done(),
-            total: self.table.len(),
-        }))];
+        let mut actions = vec![self.progress()];
         if let Some(Outcome::Succeeded(s)) = outcome {
             actions.extend(
                 s.metrics

@@ -1,5 +1,7 @@
 //! Snapshot k: rank 0 of the ring that finished training writes theta_{k+1}; if it is lost or
-//! fails retryably, the next replica in rank order writes it instead.
+//! fails retryably, the next replica in rank order writes it instead. When no replica holds the
+//! trained weights (every one was lost, or the job resumed here), any connected worker writes
+//! it from the iteration's last checkpoint.
 
 use spin_common::ids::WorkerId;
 use spin_common::proto::v1;
@@ -15,16 +17,18 @@ use crate::state::Trigger;
 #[derive(Debug)]
 pub(super) struct SnapshotPhase {
     iteration: u32,
-    /// Replicas holding the trained weights, in rank order.
-    replicas: Vec<WorkerId>,
+    /// Replicas holding the trained weights, in rank order; `None`: only the store has them
+    /// (the checkpoint after the iteration's last step), and any worker loads them from it.
+    replicas: Option<Vec<WorkerId>>,
     /// The replica writing it now.
     writer: Option<WorkerId>,
     failures: u32,
 }
 
 impl SnapshotPhase {
-    /// The snapshot of iteration `iteration`, written by one of `replicas` (rank order).
-    pub(super) fn new(iteration: u32, replicas: Vec<WorkerId>) -> Self {
+    /// The snapshot of iteration `iteration`, written by one of `replicas` (rank order), or by
+    /// any worker from the last checkpoint when `None`.
+    pub(super) fn new(iteration: u32, replicas: Option<Vec<WorkerId>>) -> Self {
         Self {
             iteration,
             replicas,
@@ -38,34 +42,53 @@ impl SnapshotPhase {
         self.iteration
     }
 
-    fn no_replica(&self) -> Action {
-        fail(format!(
-            "snapshot of iteration {}: no replica holds the trained weights (every worker of \
-             the last ring was lost; restoring from a checkpoint is not supported yet)",
+    /// Every replica is gone: any worker writes the snapshot from the last checkpoint.
+    fn fall_back_to_checkpoint(&mut self, why: &str) -> Vec<Action> {
+        self.replicas = None;
+        vec![warning(format!(
+            "snapshot of iteration {}: {why}; another worker writes it from the iteration's last \
+             checkpoint",
             self.iteration
-        ))
+        ))]
     }
 
-    /// Sends the snapshot task to the first replica connected, when none is writing it.
+    /// Sends the snapshot task to the first replica connected (or, with none, the first idle
+    /// worker), when none is writing it.
     pub(super) fn dispatch(&mut self, workers: &[&Member], tasks: &mut Tasks) -> Vec<Action> {
         if self.writer.is_some() {
             return Vec::new();
         }
-        let connected = |w: &WorkerId| workers.iter().any(|m| m.id == *w);
-        let Some(writer) = self.replicas.iter().copied().find(connected) else {
-            return vec![self.no_replica()];
+        let mut actions = Vec::new();
+        let writer = match &self.replicas {
+            Some(replicas) => {
+                let connected = |w: &WorkerId| workers.iter().any(|m| m.id == *w);
+                match replicas.iter().copied().find(connected) {
+                    Some(writer) if tasks.busy(writer) => return Vec::new(),
+                    Some(writer) => writer,
+                    None => {
+                        actions = self
+                            .fall_back_to_checkpoint("no replica holding the weights is connected");
+                        match workers.iter().find(|m| !tasks.busy(m.id)) {
+                            Some(m) => m.id,
+                            None => return actions,
+                        }
+                    }
+                }
+            }
+            None => match workers.iter().find(|m| !tasks.busy(m.id)) {
+                Some(m) => m.id,
+                None => return Vec::new(),
+            },
         };
-        if tasks.busy(writer) {
-            return Vec::new();
-        }
         self.writer = Some(writer);
         let k = self.iteration;
-        vec![tasks.issue(
+        actions.push(tasks.issue(
             writer,
             Work::Snapshot { iteration: k },
             &format!("snapshot-{k}"),
             v1::task::Kind::Snapshot(v1::Snapshot { iteration: k }),
-        )]
+        ));
+        actions
     }
 
     /// Applies the writer's result.
@@ -119,14 +142,20 @@ impl SnapshotPhase {
         actions
     }
 
-    /// Forgets lost `worker`; another replica writes the snapshot if it was writing it.
-    pub(super) fn on_lost(&mut self, worker: WorkerId) -> Vec<Action> {
-        self.replicas.retain(|w| *w != worker);
+    /// Forgets lost `worker`; another replica (or, with none left, any worker from the last
+    /// checkpoint) writes the snapshot if it was writing it.
+    pub(super) fn on_lost(&mut self, worker: WorkerId, reason: &str) -> Vec<Action> {
         if self.writer == Some(worker) {
             self.writer = None;
         }
-        if self.replicas.is_empty() {
-            vec![self.no_replica()]
+        let Some(replicas) = &mut self.replicas else {
+            return Vec::new();
+        };
+        replicas.retain(|w| *w != worker);
+        if replicas.is_empty() {
+            self.fall_back_to_checkpoint(&format!(
+                "the last replica holding the trained weights, worker {worker}, was lost ({reason})"
+            ))
         } else {
             Vec::new()
         }

@@ -12,6 +12,7 @@ use v1::job_event::Event;
 use v1::task::Kind;
 use v1::task_result::Outcome;
 
+use super::resume::{Found, TrainingPoint};
 use super::*;
 use crate::membership::{Device, Member};
 use crate::service::job::parse_spec;
@@ -467,7 +468,7 @@ fn a_retryable_rank_failure_retries_but_not_forever() {
 }
 
 #[test]
-fn a_fatal_rank_failure_or_no_survivor_fails_the_job() {
+fn a_fatal_rank_failure_fails_the_job() {
     let t0 = Instant::now();
     let workers = members(2, t0);
     let mut run_a = run(2, 2, false, &[10]);
@@ -480,15 +481,222 @@ fn a_fatal_rank_failure_or_no_survivor_fails_the_job() {
         reason.contains("nan loss") && reason.contains("rank 1"),
         "{reason}"
     );
+}
 
-    let mut run_b = run(2, 2, false, &[10]);
-    first_ring(&mut run_b, &workers, t0);
-    assert!(run_b.on_lost(workers[0].id, "gone").is_empty());
-    let t = triggers(&run_b.on_lost(workers[1].id, "gone"));
-    let [Trigger::Fail { reason }] = t.as_slice() else {
-        panic!("{t:?}")
-    };
-    assert!(reason.contains("no replica holds the weights"), "{reason}");
+/// A training point of iteration 0 after `step` (none: theta_0), with `refused` newer ones.
+fn point(step: Option<u64>, refused: &[(&str, &str)]) -> TrainingPoint {
+    TrainingPoint {
+        iteration: 0,
+        checkpoint: step.map(|s| (PathBuf::from(format!("/ck/step-{s}")), s)),
+        refused: refused
+            .iter()
+            .map(|(d, r)| (PathBuf::from(d), r.to_string()))
+            .collect(),
+    }
+}
+
+#[test]
+fn every_replica_lost_waits_then_restarts_from_the_checkpoint_with_new_workers() {
+    let t0 = Instant::now();
+    let workers = members(4, t0);
+    let (old, new) = workers.split_at(2);
+    let mut run = run(2, 2, false, &[10]);
+    let ring = first_ring(&mut run, old, t0);
+    assert!(run.on_lost(old[0].id, "gone").is_empty());
+    let actions = run.on_lost(old[1].id, "session broke");
+    assert!(triggers(&actions).is_empty(), "the job does not fail");
+    let warned = warnings(&actions);
+    assert!(
+        warned[0].contains("every replica was lost") && warned[0].contains("session broke"),
+        "{warned:?}"
+    );
+    assert_eq!(run.checkpoint_wanted(), Some(0));
+    assert!(run.dispatch(new, 4, t0).is_empty(), "waits for the restore");
+    // A late result of the lost ring changes nothing.
+    assert!(run
+        .on_result(old[0].id, ok(&ring[0].1, &[], Vec::new()))
+        .is_empty());
+
+    let actions = run.restore(&point(Some(4), &[("/ck/step-6", "no manifest")]));
+    let warned = warnings(&actions);
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(
+        warned[0].contains("torn or corrupt checkpoint skipped: /ck/step-6: no manifest"),
+        "{warned:?}"
+    );
+    assert!(warned[1].contains("resuming from step 5"), "{warned:?}");
+    assert!(warned[1].contains("/ck/step-4"), "{warned:?}");
+    assert_eq!(run.checkpoint_wanted(), None);
+    assert!(run.restore(&point(Some(4), &[])).is_empty(), "stale");
+    let again = sends(&run.dispatch(new, 5, t0));
+    let shape: Vec<(WorkerId, u32, u32, u64, u64)> = again
+        .iter()
+        .map(|(w, t)| {
+            let s = train(t);
+            (*w, s.rank, s.world, s.first_step, s.last_step)
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [(new[0].id, 0, 2, 5, 9), (new[1].id, 1, 2, 5, 9)],
+        "every connected worker, from the checkpoint"
+    );
+    run.on_result(again[1].0, ok(&again[1].1, &[], Vec::new()));
+    let actions = run.on_result(again[0].0, ok(&again[0].1, &[], Vec::new()));
+    assert_eq!(triggers(&actions), [Trigger::Trained { iteration: 0 }]);
+}
+
+#[test]
+fn restarts_from_the_store_that_make_no_progress_fail_the_job_at_the_third() {
+    let t0 = Instant::now();
+    let workers = members(1, t0);
+    let w = workers[0].id;
+    let mut run = run(2, 2, false, &[10]);
+    first_ring(&mut run, &workers, t0);
+    for attempt in 1..=3 {
+        run.on_lost(w, "oom killed");
+        let actions = run.restore(&point(None, &[]));
+        if attempt < 3 {
+            assert!(warnings(&actions)[0].contains("resuming from step 0 of 10 with theta_0"));
+            let ring = sends(&run.dispatch(&workers, 3, t0));
+            assert_eq!(train(&ring[0].1).first_step, 0);
+        } else {
+            let t = triggers(&actions);
+            let [Trigger::Fail { reason }] = t.as_slice() else {
+                panic!("{t:?}")
+            };
+            assert!(reason.contains("no progress past step 0"), "{reason}");
+            assert!(reason.contains("oom killed"), "{reason}");
+        }
+    }
+}
+
+#[test]
+fn survivors_lost_before_their_next_ring_also_restart_from_the_store() {
+    let t0 = Instant::now();
+    let workers = members(2, t0);
+    let mut run = run(2, 2, false, &[10]);
+    let ring = first_ring(&mut run, &workers, t0);
+    run.on_lost(workers[1].id, "gone");
+    run.on_result(workers[0].id, failed(&ring[0].1, "peer gone", true, 3));
+    // The survivor is lost too before the ring re-forms.
+    let actions = run.on_lost(workers[0].id, "missed heartbeats");
+    assert!(warnings(&actions)[0].contains("every replica was lost"));
+    assert_eq!(run.checkpoint_wanted(), Some(0));
+    // A checkpoint at the last step: the iteration is trained, and any worker snapshots it.
+    let actions = run.restore(&point(Some(9), &[]));
+    assert_eq!(triggers(&actions), [Trigger::Trained { iteration: 0 }]);
+    run.enter(JobState::Snapshot(0));
+    let newcomer = members(1, t0);
+    let sent = sends(&run.dispatch(&newcomer, 4, t0));
+    assert_eq!(sent[0].0, newcomer[0].id);
+}
+
+#[test]
+fn a_job_resumed_in_a_shard_phase_hands_out_only_the_missing_shards() {
+    let t0 = Instant::now();
+    let workers = members(1, t0);
+    let mut run = run(10, 3, true, &[4]);
+    let actions = run.resume(
+        JobState::Preparing,
+        Found::Shards {
+            done: vec![0, 2, 4],
+        },
+    );
+    assert!(
+        warnings(&actions)[0].contains("3 of 5 shard(s)"),
+        "{actions:?}"
+    );
+    assert!(
+        events(&actions).contains(&Event::Shards(v1::ShardsProgress {
+            phase: Some(JobState::Preparing.into()),
+            done: 3,
+            total: 5
+        }))
+    );
+    let (sent, _, trigger) = finish_phase(&mut run, &workers, t0);
+    assert_eq!(trigger, Trigger::Prepared);
+    let shards: Vec<(u32, bool)> = sent
+        .iter()
+        .map(|(_, t)| match &t.kind {
+            Some(Kind::Encode(e)) => (e.shard, e.held_out),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(shards, [(1, false), (3, false)]);
+
+    // Every sampling shard written already: the phase ends at once.
+    let mut run = self::run(10, 3, true, &[4]);
+    let actions = run.resume(
+        JobState::Sampling(0),
+        Found::Shards {
+            done: vec![0, 1, 2, 3],
+        },
+    );
+    assert_eq!(triggers(&actions), [Trigger::Sampled { iteration: 0 }]);
+}
+
+#[test]
+fn a_job_resumed_in_training_forms_its_ring_from_the_checkpoint() {
+    let t0 = Instant::now();
+    let workers = members(2, t0);
+    let mut run = run(2, 2, false, &[4, 3]);
+    let actions = run.resume(JobState::Training(0), Found::Training(point(Some(1), &[])));
+    let warned = warnings(&actions);
+    assert!(
+        warned[0].contains("coordinator restarted") && warned[0].contains("step 2"),
+        "{warned:?}"
+    );
+    assert!(triggers(&actions).is_empty());
+    let ring = sends(&run.dispatch(&workers, 2, t0));
+    let firsts: Vec<(u32, u64, u64)> = ring
+        .iter()
+        .map(|(_, t)| train(t))
+        .map(|s| (s.world, s.first_step, s.last_step))
+        .collect();
+    assert_eq!(firsts, [(2, 2, 3), (2, 2, 3)]);
+    // Past the last step: trained at once.
+    let mut run = self::run(2, 2, false, &[4, 3]);
+    let actions = run.resume(JobState::Training(0), Found::Training(point(Some(3), &[])));
+    assert_eq!(triggers(&actions), [Trigger::Trained { iteration: 0 }]);
+}
+
+#[test]
+fn a_job_resumed_in_snapshot_publishes_a_verified_one_or_writes_it() {
+    let t0 = Instant::now();
+    let workers = members(2, t0);
+    let dir = PathBuf::from("/store/jobs/j/iteration-1");
+    let mut run = run(2, 2, false, &[4]);
+    let actions = run.resume(
+        JobState::Snapshot(0),
+        Found::Snapshot {
+            dir: dir.clone(),
+            verified: Ok(()),
+        },
+    );
+    assert_eq!(
+        events(&actions),
+        [Event::SnapshotPublished(v1::SnapshotPublished {
+            iteration: 0,
+            path: dir.display().to_string()
+        })]
+    );
+    assert_eq!(
+        triggers(&actions),
+        [Trigger::SnapshotPublished { iteration: 0 }]
+    );
+    let mut run = self::run(2, 2, false, &[4]);
+    let actions = run.resume(
+        JobState::Snapshot(0),
+        Found::Snapshot {
+            dir,
+            verified: Err(Some("unet/x does not match".into())),
+        },
+    );
+    assert!(warnings(&actions)[0].contains("does not match"));
+    let sent = sends(&run.dispatch(&workers, 2, t0));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, workers[0].id, "the first worker writes it");
 }
 
 #[test]
@@ -506,8 +714,14 @@ fn the_snapshot_moves_to_the_next_replica_when_its_writer_is_lost() {
     assert!(run.on_lost(workers[0].id, "gone").is_empty());
     let sent = sends(&run.dispatch(&workers[1..], 4, t0));
     assert_eq!(sent[0].0, workers[1].id);
+    // With no replica left, a worker that did not train writes it from the last checkpoint.
+    let warned = warnings(&run.on_lost(workers[1].id, "gone"));
+    assert!(warned[0].contains("last checkpoint"), "{warned:?}");
+    let newcomer = members(1, t0);
+    let sent = sends(&run.dispatch(&newcomer, 5, t0));
+    assert_eq!(sent[0].0, newcomer[0].id);
     // Without outputs the path is the layout's.
-    let actions = run.on_result(workers[1].id, ok(&sent[0].1, &[], Vec::new()));
+    let actions = run.on_result(newcomer[0].id, ok(&sent[0].1, &[], Vec::new()));
     assert_eq!(
         events(&actions),
         [Event::SnapshotPublished(v1::SnapshotPublished {

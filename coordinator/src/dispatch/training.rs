@@ -2,7 +2,10 @@
 //! worker of the job; when a member is lost or a rank fails, the coordinator waits for every
 //! surviving member's result, takes the step boundary they reached, and re-forms the ring from
 //! those survivors only (they alone hold the weights at that step). Workers that join meanwhile
-//! take part from the next phase.
+//! take part from the next phase. When no member survives, the weights are only in the store:
+//! the coordinator finds the iteration's latest verified checkpoint ([`super::resume`]) once
+//! enough workers are connected, and a ring of every connected worker goes on from there (or
+//! from theta_k at step 0 when there is none). A resumed job starts the same way.
 
 use std::collections::BTreeSet;
 
@@ -10,6 +13,7 @@ use spin_common::ids::WorkerId;
 use spin_common::proto::v1;
 use v1::task_result::Outcome;
 
+use super::resume::TrainingPoint;
 use super::{fail, failure, warning, Action, Tasks, Work, MAX_ATTEMPTS};
 use crate::convert::{collective_id, train_task};
 use crate::membership::{form_ring, Member, Ring};
@@ -39,6 +43,15 @@ struct RingRun {
     lost: Vec<(WorkerId, u32, String)>,
 }
 
+/// Every replica was lost: training goes on from the store.
+#[derive(Debug)]
+struct LostAll {
+    /// The first step of the ring that was lost (progress is counted from it).
+    first_step: u64,
+    /// What happened, for messages.
+    causes: String,
+}
+
 /// Training of one iteration.
 #[derive(Debug)]
 pub(super) struct Training {
@@ -46,12 +59,16 @@ pub(super) struct Training {
     steps: u64,
     /// The first step no replica has applied yet.
     next_step: u64,
-    /// The workers holding the weights at `next_step`, in rank order; `None` before the first
-    /// ring (every worker of the job holds theta_k then).
+    /// The workers holding the weights at `next_step`, in rank order; `None` when the weights
+    /// are in the store instead (theta_k before the first ring, or a checkpoint after a
+    /// restart): then every worker of the job loads them.
     replicas: Option<Vec<WorkerId>>,
     ring: Option<RingRun>,
-    /// Re-formed rings in a row that made no progress.
+    /// Rings in a row that made no progress.
     stalled: u32,
+    /// Set from the loss of every replica until the coordinator says where the store lets
+    /// training go on ([`Training::restore`]).
+    lost_all: Option<LostAll>,
 }
 
 impl Training {
@@ -64,12 +81,106 @@ impl Training {
             replicas: None,
             ring: None,
             stalled: 0,
+            lost_all: None,
         }
     }
 
-    /// The workers holding the weights (after training: the ring that finished, rank order).
-    pub(super) fn replicas(&self) -> Vec<WorkerId> {
-        self.replicas.clone().unwrap_or_default()
+    /// Iteration `iteration` of `steps` steps resumed from what the store holds (`point`).
+    pub(super) fn resumed(
+        iteration: u32,
+        steps: u64,
+        point: &TrainingPoint,
+    ) -> (Self, Vec<Action>) {
+        let mut training = Self::new(iteration, steps);
+        let actions = training.go_on_from(point, "the coordinator restarted");
+        (training, actions)
+    }
+
+    /// The workers holding the trained weights in memory (after training: the ring that
+    /// finished, rank order); `None` when only the store has them.
+    pub(super) fn replicas(&self) -> Option<Vec<WorkerId>> {
+        self.replicas.clone().filter(|r| !r.is_empty())
+    }
+
+    /// k.
+    pub(super) fn iteration(&self) -> u32 {
+        self.iteration
+    }
+
+    /// Whether every replica was lost and training waits for [`Training::restore`].
+    pub(super) fn checkpoint_wanted(&self) -> bool {
+        self.lost_all.is_some()
+    }
+
+    /// Goes on from `point` (where the store lets training go on) after every replica was
+    /// lost; a stale call (nothing was lost) does nothing. Counts as a ring without progress
+    /// unless `point` is past the lost ring's first step.
+    pub(super) fn restore(&mut self, point: &TrainingPoint) -> Vec<Action> {
+        let Some(lost) = self.lost_all.take() else {
+            return Vec::new();
+        };
+        let k = self.iteration;
+        let next = point.next_step().min(self.steps);
+        self.stalled = if next > lost.first_step {
+            0
+        } else {
+            self.stalled + 1
+        };
+        if self.stalled >= MAX_ATTEMPTS {
+            return vec![fail(format!(
+                "training iteration {k}: no progress past step {next} in {MAX_ATTEMPTS} rings; \
+                 last: every replica was lost ({})",
+                lost.causes
+            ))];
+        }
+        self.go_on_from(point, &format!("every replica was lost ({})", lost.causes))
+    }
+
+    /// Takes `point` as the step boundary the store holds: warns of the refused checkpoints,
+    /// says where training resumes and why, and ends the iteration if nothing is left.
+    fn go_on_from(&mut self, point: &TrainingPoint, why: &str) -> Vec<Action> {
+        let k = self.iteration;
+        let mut actions: Vec<Action> = point
+            .refused
+            .iter()
+            .map(|(dir, reason)| {
+                warning(format!(
+                    "training iteration {k}: torn or corrupt checkpoint skipped: {}: {reason}",
+                    dir.display()
+                ))
+            })
+            .collect();
+        let next = point.next_step().min(self.steps);
+        let from = match &point.checkpoint {
+            Some((dir, step)) => format!("the checkpoint after step {step} ({})", dir.display()),
+            None => format!("theta_{k}: no verified checkpoint of the iteration"),
+        };
+        actions.push(warning(format!(
+            "training iteration {k}: {why}; resuming from step {next} of {} with {from}",
+            self.steps
+        )));
+        self.next_step = next;
+        self.replicas = None;
+        self.ring = None;
+        self.lost_all = None;
+        if next >= self.steps {
+            actions.push(Action::Apply(Trigger::Trained { iteration: k }));
+        }
+        actions
+    }
+
+    /// Every replica is gone (`causes`; the last ring started at `first_step`): training
+    /// waits for the coordinator to find the latest checkpoint.
+    fn lose_all(&mut self, first_step: u64, causes: String) -> Vec<Action> {
+        let k = self.iteration;
+        self.replicas = None;
+        self.ring = None;
+        let message = warning(format!(
+            "training iteration {k}: every replica was lost ({causes}); waiting for workers to \
+             restart the ring from the latest verified checkpoint"
+        ));
+        self.lost_all = Some(LostAll { first_step, causes });
+        vec![message]
     }
 
     /// `Trained` at once for an iteration of no step.
@@ -83,14 +194,6 @@ impl Training {
         }
     }
 
-    fn no_replica(&self) -> Action {
-        fail(format!(
-            "training iteration {}: no replica holds the weights at step {} (every worker of the \
-             ring was lost; restoring from a checkpoint is not supported yet)",
-            self.iteration, self.next_step
-        ))
-    }
-
     /// Forms a ring of the replicas among `workers` (the job's connected workers, in join
     /// order, none with a task in flight) and sends each rank its steps.
     pub(super) fn dispatch(
@@ -100,7 +203,7 @@ impl Training {
         rings_formed: &mut u64,
         tasks: &mut Tasks,
     ) -> Vec<Action> {
-        if self.ring.is_some() || self.steps == 0 {
+        if self.ring.is_some() || self.lost_all.is_some() || self.steps == 0 {
             return Vec::new();
         }
         let eligible: Vec<&Member> = workers
@@ -109,9 +212,9 @@ impl Training {
             .filter(|m| self.replicas.as_ref().is_none_or(|r| r.contains(&m.id)))
             .collect();
         if eligible.is_empty() {
-            // Before the first ring, wait for a worker; after it, the replicas are gone.
+            // With the weights in the store, wait for a worker; else the replicas are gone.
             return match self.replicas {
-                Some(_) => vec![self.no_replica()],
+                Some(_) => self.lose_all(self.next_step, "no replica is connected".into()),
                 None => Vec::new(),
             };
         }
@@ -205,7 +308,10 @@ impl Training {
             return Vec::new();
         }
         match &self.replicas {
-            Some(replicas) if replicas.is_empty() => vec![self.no_replica()],
+            Some(replicas) if replicas.is_empty() => self.lose_all(
+                self.next_step,
+                format!("worker {worker} was lost ({reason})"),
+            ),
             _ => Vec::new(),
         }
     }
@@ -224,7 +330,12 @@ impl Training {
         survivors.sort_by_key(|r| r.rank);
         self.replicas = Some(survivors.iter().map(|r| r.worker).collect());
         let Some(min) = survivors.iter().map(|r| r.completed).min() else {
-            return vec![self.no_replica()];
+            let causes: Vec<String> = run
+                .lost
+                .iter()
+                .map(|(w, rank, reason)| format!("worker {w} (rank {rank}) was lost ({reason})"))
+                .collect();
+            return self.lose_all(run.first_step, causes.join("; "));
         };
         let max = survivors.iter().map(|r| r.completed).max().unwrap_or(min);
         let next = run.first_step.saturating_add(min).min(self.steps);

@@ -1,7 +1,7 @@
 //! `ControlService`: workers register, then hold one bidirectional session: the first message
 //! is `hello`, heartbeats keep the worker a member, tasks come down a bounded per-worker
 //! channel, results go to the coordinator's dispatch, and a broken or finished stream loses
-//! the worker.
+//! the worker. Both calls need the join token (see [`auth`](super::auth)).
 
 use std::time::{Duration, Instant};
 
@@ -11,20 +11,24 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use v1::worker_message::Message;
 
+use super::auth::TokenGate;
 use super::{blocking, non_empty};
 use crate::coordinator::Coordinator;
 use crate::error::ServiceError;
 
-/// The `spin.v1.ControlService` implementation: only a handle on the coordinator.
+/// The `spin.v1.ControlService` implementation: a handle on the coordinator and the gate of
+/// its join token.
 #[derive(Clone)]
 pub struct ControlApi {
     coordinator: Coordinator,
+    join: TokenGate,
 }
 
 impl ControlApi {
-    /// A service over `coordinator`.
+    /// A service over `coordinator`, requiring its configured join token.
     pub fn new(coordinator: Coordinator) -> Self {
-        Self { coordinator }
+        let join = TokenGate::join(coordinator.config());
+        Self { coordinator, join }
     }
 
     /// How often workers are asked to send heartbeats: three per timeout.
@@ -56,6 +60,8 @@ impl v1::control_service_server::ControlService for ControlApi {
         request: Request<v1::RegisterWorkerRequest>,
     ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
         let request = request.into_inner();
+        self.join
+            .check_field("RegisterWorkerRequest.join_token", &request.join_token)?;
         let address = non_empty(
             "RegisterWorkerRequest.collective_address",
             &request.collective_address,
@@ -78,6 +84,7 @@ impl v1::control_service_server::ControlService for ControlApi {
         &self,
         request: Request<Streaming<v1::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        self.join.check_metadata("Session", request.metadata())?;
         let mut inbound = request.into_inner();
         // A worker that connects but never says hello is dropped after a heartbeat timeout.
         let first = tokio::time::timeout(

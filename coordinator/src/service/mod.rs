@@ -1,6 +1,8 @@
 //! The tonic services: thin adapters that extract a request, convert it, call the
 //! [`Coordinator`](crate::coordinator::Coordinator) and map its [`ServiceError`] to a status.
+//! [`auth`] checks the tokens.
 
+pub mod auth;
 pub mod control;
 pub mod job;
 

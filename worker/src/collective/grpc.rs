@@ -1,7 +1,8 @@
 //! A gRPC transport for the ring: each rank streams its frames to the right neighbour through
 //! one long-lived `CollectiveService.PushChunks` call, and a per-process [`CollectiveInbox`]
 //! (the service) routes every incoming stream by collective id into the local ring's bounded
-//! queue.
+//! queue. With a join token in the options every stream must carry it as bearer metadata; with
+//! a certificate the inbox serves TLS, and links dial `https://` neighbours.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -9,19 +10,21 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use spin_common::auth::{Bearer, ExpectedToken, Refused, Token};
 use spin_common::proto::v1::collective_service_client::CollectiveServiceClient;
 use spin_common::proto::v1::collective_service_server::{
     CollectiveService, CollectiveServiceServer,
 };
 use spin_common::proto::v1::{ChunkMessage, PushChunksResponse, RingPhase};
 use spin_common::proto::{decode_f32, encode_f32, ProtoError};
+use spin_common::tls::{self, TlsSettings};
 use tokio::net::TcpListener;
 use tokio::runtime::{Builder, Handle, Runtime, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::blocking::RingCollective;
@@ -68,6 +71,13 @@ pub struct GrpcOptions {
     pub connection_window_bytes: u32,
     /// The largest HTTP/2 DATA frame [`CollectiveInbox::serve`] accepts (16 KiB to 16 MiB).
     pub max_frame_bytes: u32,
+    /// The token every stream carries as `authorization: Bearer` metadata: an inbox refuses
+    /// streams without it (`unauthenticated`), a link sends it. Empty: none.
+    pub join_token: Token,
+    /// With an identity, [`CollectiveInbox::serve`] serves TLS only. Links verify `https://`
+    /// neighbours with the CA (and dial `https://` for an address without a scheme whenever
+    /// any TLS material is set).
+    pub tls: TlsSettings,
 }
 
 impl Default for GrpcOptions {
@@ -81,6 +91,8 @@ impl Default for GrpcOptions {
             stream_window_bytes: 8 << 20,
             connection_window_bytes: 16 << 20,
             max_frame_bytes: 1 << 20,
+            join_token: Token::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -105,7 +117,10 @@ impl CallFailure {
     fn new(status: &Status) -> Self {
         let refused = matches!(
             status.code(),
-            Code::FailedPrecondition | Code::AlreadyExists | Code::InvalidArgument
+            Code::FailedPrecondition
+                | Code::AlreadyExists
+                | Code::InvalidArgument
+                | Code::Unauthenticated
         );
         Self {
             refused,
@@ -128,6 +143,7 @@ pub struct CollectiveInbox {
 #[derive(Debug)]
 struct Shared {
     options: GrpcOptions,
+    expected: ExpectedToken,
     state: Mutex<InboxState>,
 }
 
@@ -165,6 +181,10 @@ enum Refusal {
     Attached(String),
     #[error("incoming stream failed: {}", .0.message())]
     Stream(Box<Status>),
+    #[error("CollectiveService needs the cluster's join token as `authorization: Bearer` metadata and none was sent")]
+    NoToken,
+    #[error("CollectiveService: the bearer token sent is not the cluster's join token")]
+    WrongToken,
 }
 
 impl From<Refusal> for Status {
@@ -176,6 +196,7 @@ impl From<Refusal> for Status {
             Refusal::Closed(_) => Status::failed_precondition(refusal.to_string()),
             Refusal::Attached(_) => Status::already_exists(refusal.to_string()),
             Refusal::Stream(status) => *status,
+            Refusal::NoToken | Refusal::WrongToken => Status::unauthenticated(refusal.to_string()),
         }
     }
 }
@@ -284,14 +305,21 @@ impl Drop for Attachment {
 }
 
 impl CollectiveInbox {
-    /// An inbox with no rings; per-ring queues hold `options.queue_frames` frames.
+    /// An inbox with no rings; per-ring queues hold `options.queue_frames` frames; streams
+    /// must carry `options.join_token` when it is set.
     pub fn new(options: &GrpcOptions) -> Self {
         Self {
             shared: Arc::new(Shared {
                 options: options.clone(),
+                expected: ExpectedToken::new(&options.join_token),
                 state: Mutex::default(),
             }),
         }
+    }
+
+    /// The options it was made with (links of this worker's rings use them too).
+    pub fn options(&self) -> &GrpcOptions {
+        &self.shared.options
     }
 
     /// Frames each ring's queue holds.
@@ -310,22 +338,28 @@ impl CollectiveInbox {
     }
 
     /// Serves the inbox and `grpc.health.v1` on `listener` (bound by the caller, port 0 in
-    /// tests) until `shutdown` resolves, with the HTTP/2 windows of the inbox's options.
+    /// tests) until `shutdown` resolves, with the HTTP/2 windows of the inbox's options, over
+    /// TLS when they hold an identity.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CollectiveError> {
+        let options = &self.shared.options;
+        let mut server = Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(options.stream_window_bytes)
+            .initial_connection_window_size(options.connection_window_bytes)
+            .max_frame_size(options.max_frame_bytes);
+        if let Some(identity) = &options.tls.identity {
+            server = tls::serve_tls(server, identity, None)
+                .map_err(|e| CollectiveError::Config(format!("collective inbox: {e}")))?;
+        }
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_serving::<CollectiveServiceServer<CollectiveInbox>>()
             .await;
-        let options = &self.shared.options;
-        Server::builder()
-            .tcp_nodelay(true)
-            .initial_stream_window_size(options.stream_window_bytes)
-            .initial_connection_window_size(options.connection_window_bytes)
-            .max_frame_size(options.max_frame_bytes)
+        server
             .add_service(health)
             .add_service(self.service())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
@@ -382,6 +416,13 @@ impl CollectiveService for CollectiveInbox {
         &self,
         request: Request<Streaming<ChunkMessage>>,
     ) -> Result<Response<PushChunksResponse>, Status> {
+        self.shared
+            .expected
+            .check_metadata(request.metadata())
+            .map_err(|refused| match refused {
+                Refused::Missing => Refusal::NoToken,
+                Refused::Wrong => Refusal::WrongToken,
+            })?;
         let named = request
             .metadata()
             .get(COLLECTIVE_ID_HEADER)
@@ -698,6 +739,8 @@ impl GrpcTransport {
         if world == 1 {
             return Ok(transport);
         }
+        let bearer = Bearer::new("join token", &options.join_token)
+            .map_err(|e| CollectiveError::Config(e.to_string()))?;
         let from_left = inbox.register(collective_id, rank)?;
         let channel = connect_right(rank, (rank + 1) % world, right_address, options).await?;
         let client = CollectiveServiceClient::new(channel)
@@ -708,7 +751,7 @@ impl GrpcTransport {
         let (ended, call_ended) = std_mpsc::channel();
         let id = collective_id.to_owned();
         tokio::spawn(async move {
-            push_chunks(client, id, outgoing, outcome).await;
+            push_chunks(client, id, bearer, outgoing, outcome).await;
             let _ = ended.send(());
         });
         transport.links = Some(Links {
@@ -854,7 +897,8 @@ impl Transport for GrpcTransport {
     }
 }
 
-/// Opens a channel to the right neighbour's server, retrying while it is not up yet.
+/// Opens a channel to the right neighbour's server, retrying while it is not up yet. An address
+/// without a scheme is dialled over TLS when the options hold TLS material.
 async fn connect_right(
     rank: usize,
     right: usize,
@@ -867,11 +911,15 @@ async fn connect_right(
     };
     let uri = if address.contains("://") {
         address.to_owned()
+    } else if options.tls.is_configured() {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|error| setup(format!("bad address: {}", error_chain(&error))))?
+    let endpoint = options
+        .tls
+        .endpoint(&uri)
+        .map_err(|error| setup(error.to_string()))?
         .tcp_nodelay(true)
         .connect_timeout(options.connect_timeout);
     let deadline = Instant::now() + options.connect_timeout;
@@ -899,6 +947,7 @@ async fn connect_right(
 async fn push_chunks(
     mut client: CollectiveServiceClient<Channel>,
     collective_id: String,
+    bearer: Bearer,
     outgoing: mpsc::Receiver<Outgoing>,
     outcome: watch::Sender<Option<CallOutcome>>,
 ) {
@@ -912,6 +961,7 @@ async fn push_chunks(
         }
     });
     let mut request = Request::new(messages);
+    bearer.apply(&mut request);
     // Ids that are not visible ASCII go without the header (routed by their first frame).
     if let Ok(value) = collective_id.parse() {
         request.metadata_mut().insert(COLLECTIVE_ID_HEADER, value);
@@ -1021,6 +1071,7 @@ mod tests {
 
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+    use tonic::transport::Endpoint;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;

@@ -73,7 +73,11 @@ impl ClipTextConfig {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(ModelError::unsupported(
                 path,
                 "num_attention_heads",

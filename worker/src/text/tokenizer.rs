@@ -120,6 +120,16 @@ impl ClipTokenizer {
         self.max_length
     }
 
+    /// One past the largest token id this tokenizer can produce (the text encoder's
+    /// `vocab_size` must be at least this).
+    pub fn id_limit(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1)
+    }
+
     /// `<|startoftext|> tokens <|endoftext|> pad...`, exactly `max_length` ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let encoding = self

@@ -686,8 +686,11 @@ impl JobRunner {
             skipped_steps: self.skipped_steps,
         };
         let path = dir.join(checkpoint::STATE);
-        std::fs::write(&path, serde_json::to_string_pretty(&state).unwrap_or_default())
-            .map_err(|e| TrainError::io(&path, e))?;
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&state).unwrap_or_default(),
+        )
+        .map_err(|e| TrainError::io(&path, e))?;
         spin_common::manifest::publish(&dir, &format!("checkpoint of {key}"))
             .map_err(|e| TrainError::Input(e.to_string()))?;
         // Keep the two newest: one to resume from, one if the newest turns out damaged.
@@ -704,7 +707,12 @@ impl JobRunner {
                 .remove(&format!("{parent}/{old}"))
                 .map_err(store_error)?;
         }
-        tracing::info!(iteration = k, step, secs = started.elapsed().as_secs_f64(), "checkpoint published");
+        tracing::info!(
+            iteration = k,
+            step,
+            secs = started.elapsed().as_secs_f64(),
+            "checkpoint published"
+        );
         Ok(())
     }
 
@@ -716,18 +724,19 @@ impl JobRunner {
         for (dir, reason) in &refused {
             tracing::warn!(dir = %dir.display(), %reason, "checkpoint refused");
         }
-        let found = found
-            .filter(|f| f.state.step == step)
-            .ok_or_else(|| {
-                TrainError::Input(format!(
-                    "no verified checkpoint of iteration {k} after step {step} in {}{}",
-                    self.store.root().join(checkpoint::iteration_dir(k)).display(),
-                    refused
-                        .first()
-                        .map(|(_, r)| format!(" (newest refused: {r})"))
-                        .unwrap_or_default()
-                ))
-            })?;
+        let found = found.filter(|f| f.state.step == step).ok_or_else(|| {
+            TrainError::Input(format!(
+                "no verified checkpoint of iteration {k} after step {step} in {}{}",
+                self.store
+                    .root()
+                    .join(checkpoint::iteration_dir(k))
+                    .display(),
+                refused
+                    .first()
+                    .map(|(_, r)| format!(" (newest refused: {r})"))
+                    .unwrap_or_default()
+            ))
+        })?;
         let train_device = self.device.clone().autodiff();
         let (theta, _) =
             UNet2DConditionModel::load(&found.dir.join(checkpoint::WEIGHTS), &train_device)?;
@@ -824,7 +833,13 @@ impl JobRunner {
             _ => vec![0.0; self.theta.num_params()],
         };
         flat.push(loss_sum as f32);
-        flat.extend((0..world).map(|r| if r == rank && failure.is_some() { 1.0 } else { 0.0 }));
+        flat.extend((0..world).map(|r| {
+            if r == rank && failure.is_some() {
+                1.0
+            } else {
+                0.0
+            }
+        }));
         collective.all_reduce_mean(&mut flat)?;
         let slots = flat.split_off(flat.len() - world);
         let failed_ranks: Vec<usize> = (0..world).filter(|&r| slots[r] != 0.0).collect();

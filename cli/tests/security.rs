@@ -1,0 +1,262 @@
+//! The real `spinctl` binary against an in-process coordinator that requires an API token (and,
+//! in the TLS cases, serves TLS with certificates made at test time): a wrong or missing token
+//! exits 2 saying the coordinator refused it, the right one (flag or `SPIN_TOKEN`) works; an
+//! https coordinator works with `--tls-ca` (and `--tls-cert`/`--tls-key` under mutual TLS).
+//! Then `spin-worker` names a certificate file it cannot read.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use spin_common::test_pki::TestPki;
+use spin_coordinator::{Coordinator, CoordinatorConfig};
+
+/// The longest any one wait of these tests may take.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+const TOKEN: &str = "spinctl-test-token-93";
+
+fn temp_dir(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir =
+        std::env::temp_dir().join(format!("spinctl-sec-{}-{name}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A coordinator served on its own thread and runtime until dropped.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(config: CoordinatorConfig) -> Self {
+        let (bound_tx, bound_rx) = mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let coordinator = Coordinator::open(config.validate().unwrap()).unwrap();
+                bound_tx.send(listener.local_addr().unwrap()).unwrap();
+                spin_coordinator::serve(coordinator, listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = bound_rx.recv_timeout(TIMEOUT).expect("coordinator started");
+        Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + TIMEOUT;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() && !std::thread::panicking() {
+                thread.join().unwrap();
+            }
+        }
+    }
+}
+
+fn config(dir: &Path) -> CoordinatorConfig {
+    CoordinatorConfig {
+        journal_path: dir.join("journal.redb"),
+        store: dir.join("store").display().to_string(),
+        api_token: TOKEN.into(),
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// What a finished process gave.
+#[derive(Debug)]
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `command` with no `SPIN_*` variables but `env`, killed after `TIMEOUT`.
+fn run(mut command: Command, env: &[(&str, &str)]) -> Ran {
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SPIN_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} ran past {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ran {
+        code: status.code(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+fn spinctl(coordinator: &str, args: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spinctl"));
+    command.arg("--coordinator").arg(coordinator).args(args);
+    run(command, env)
+}
+
+#[test]
+fn spinctl_sends_the_api_token_and_says_when_it_is_refused() {
+    let dir = temp_dir("token");
+    let server = Server::start(config(&dir));
+    let url = format!("http://{}", server.addr);
+
+    let wrong = spinctl(&url, &["--token", "wrong", "list"], &[]);
+    assert_eq!(wrong.code, Some(2), "{wrong:?}");
+    assert!(
+        wrong.stderr.contains("refused the token") && wrong.stderr.contains("API token"),
+        "{wrong:?}"
+    );
+    assert!(!wrong.stderr.contains(TOKEN), "{wrong:?}");
+
+    let missing = spinctl(&url, &["list"], &[]);
+    assert_eq!(missing.code, Some(2), "{missing:?}");
+    assert!(
+        missing.stderr.contains("none was sent") && missing.stderr.contains("--token"),
+        "{missing:?}"
+    );
+
+    let right = spinctl(&url, &["--token", TOKEN, "list"], &[]);
+    assert_eq!(right.code, Some(0), "{right:?}");
+    assert_eq!(right.stdout, "no jobs\n", "{right:?}");
+    let from_env = spinctl(&url, &["list"], &[("SPIN_TOKEN", TOKEN)]);
+    assert_eq!(from_env.code, Some(0), "{from_env:?}");
+
+    // `logs` says the same through its own path.
+    let id = "00000000-0000-4000-8000-000000000000";
+    let logs = spinctl(&url, &["--token", "wrong", "logs", id], &[]);
+    assert_eq!(logs.code, Some(2), "{logs:?}");
+    assert!(logs.stderr.contains("refused the token"), "{logs:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn spinctl_reaches_a_tls_coordinator_with_its_ca_and_a_client_certificate() {
+    let dir = temp_dir("tls");
+    let pki = TestPki::generate(&dir.join("pki"));
+    let server = Server::start(CoordinatorConfig {
+        tls_cert: Some(pki.server_cert.clone()),
+        tls_key: Some(pki.server_key.clone()),
+        tls_client_ca: Some(pki.ca.clone()),
+        ..config(&dir)
+    });
+    let port = server.addr.port();
+    let ca = pki.ca.display().to_string();
+    let (cert, key) = (
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    );
+    let env = [
+        ("SPIN_TOKEN", TOKEN),
+        ("SPIN_TLS_CERT", cert.as_str()),
+        ("SPIN_TLS_KEY", key.as_str()),
+    ];
+
+    // No scheme and a CA: https.
+    let bare = format!("localhost:{port}");
+    let ok = spinctl(&bare, &["--tls-ca", &ca, "list"], &env);
+    assert_eq!(
+        (ok.code, ok.stdout.as_str()),
+        (Some(0), "no jobs\n"),
+        "{ok:?}"
+    );
+
+    let https = format!("https://127.0.0.1:{port}");
+    let no_ca = spinctl(&https, &["list"], &env);
+    assert_eq!(no_ca.code, Some(2), "{no_ca:?}");
+    assert!(no_ca.stderr.contains("--tls-ca"), "{no_ca:?}");
+
+    let no_cert = spinctl(&https, &["--tls-ca", &ca, "list"], &[("SPIN_TOKEN", TOKEN)]);
+    assert_eq!(no_cert.code, Some(2), "{no_cert:?}");
+    assert!(no_cert.stderr.contains("--tls-cert"), "{no_cert:?}");
+
+    let plain = spinctl(&format!("http://127.0.0.1:{port}"), &["list"], &env);
+    assert_eq!(plain.code, Some(2), "{plain:?}");
+    // The call breaks (or, rarely, the connection): either way no answer came.
+    let says = ["https://", "cannot reach"];
+    assert!(says.iter().any(|s| plain.stderr.contains(s)), "{plain:?}");
+
+    let missing = dir.join("missing-ca.pem").display().to_string();
+    let unreadable = spinctl(&https, &["--tls-ca", &missing, "list"], &env);
+    assert_eq!(unreadable.code, Some(2), "{unreadable:?}");
+    assert!(
+        unreadable.stderr.contains("missing-ca.pem"),
+        "{unreadable:?}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn spin_worker_names_a_certificate_it_cannot_read() {
+    let dir = temp_dir("worker");
+    let cert = dir.join("absent-cert.pem");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spin-worker"));
+    command.args(["--coordinator", "https://127.0.0.1:1"]);
+    let cert_text = cert.display().to_string();
+    let key_text = dir.join("absent.key").display().to_string();
+    let ran = run(
+        command,
+        &[
+            ("SPIN_WORKER_TLS_CERT", cert_text.as_str()),
+            ("SPIN_WORKER_TLS_KEY", key_text.as_str()),
+        ],
+    );
+    assert_eq!(ran.code, Some(2), "{ran:?}");
+    assert!(ran.stderr.contains("absent-cert.pem"), "{ran:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
