@@ -25,7 +25,7 @@ pub struct TrainArgs {
 /// Runs `spinctl train --local`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if !args.local {
-        bail!("only `spinctl train --local` exists so far; submitting to a coordinator is `spinctl submit` (not built yet)");
+        bail!("`spinctl train` runs a job in this process and needs `--local`; to run it on a cluster, `spinctl submit JOB.toml` to a coordinator");
     }
     let env: HashMap<String, String> = std::env::vars().collect();
     let spec = JobSpec::load(&args.spec, &env)?;

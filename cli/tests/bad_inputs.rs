@@ -337,10 +337,7 @@ fn coordinator_with_an_unknown_setting_names_it() {
             s(&config),
         ],
     );
-    // Exit 1, not 2: the binary returns `anyhow::Result` from `main` (reported; the binary is
-    // not this test's to change). The error still names the file and the field.
-    eprintln!("{}", ran.stderr);
-    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert_eq!(ran.code, Some(2), "{ran:?}");
     assert!(!ran.stderr.contains("panicked at"), "{ran:?}");
     for thing in ["coordinator.toml", "heartbeat_timout_ms"] {
         assert!(ran.stderr.contains(thing), "{thing:?} not named: {ran:?}");
@@ -369,4 +366,17 @@ fn train_with_no_usable_prompts_leaves_no_output_folder() {
     .unwrap();
     spinctl(&["train", "--local", s(&spec)]).refused(&["no training prompts", "data.train"]);
     assert!(!dir.join("out").exists(), "no output folder");
+}
+
+#[test]
+fn submit_with_a_missing_spec_file_names_it_before_connecting() {
+    let dir = Scratch::new("submit");
+    // No coordinator listens on port 1: the spec is read and refused before any connection.
+    spinctl(&[
+        "--coordinator",
+        "http://127.0.0.1:1",
+        "submit",
+        s(&dir.join("missing-job.toml")),
+    ])
+    .refused(&["job spec", "missing-job.toml"]);
 }

@@ -2,9 +2,13 @@
 //! in the TLS cases, serves TLS with certificates made at test time): a wrong or missing token
 //! exits 2 saying the coordinator refused it, the right one (flag or `SPIN_TOKEN`) works; an
 //! https coordinator works with `--tls-ca` (and `--tls-cert`/`--tls-key` under mutual TLS).
-//! Then `spin-worker` names a certificate file it cannot read.
+//! Then `spin-worker` names a certificate file it cannot read, and a job runs end to end on a
+//! `spin-coordinator` and two `spin-worker` processes with TLS everywhere, mutual TLS to the
+//! coordinator and both tokens.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -100,14 +104,19 @@ struct Ran {
     stderr: String,
 }
 
-/// Runs `command` with no `SPIN_*` variables but `env`, killed after `TIMEOUT`.
-fn run(mut command: Command, env: &[(&str, &str)]) -> Ran {
+/// `command` without the `SPIN_*` variables of this process.
+fn without_spin_env(command: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars() {
         if key.starts_with("SPIN_") {
             command.env_remove(key);
         }
     }
     command
+}
+
+/// Runs `command` with no `SPIN_*` variables but `env`, killed after `TIMEOUT`.
+fn run(mut command: Command, env: &[(&str, &str)]) -> Ran {
+    without_spin_env(&mut command)
         .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -258,5 +267,105 @@ fn spin_worker_names_a_certificate_it_cannot_read() {
     );
     assert_eq!(ran.code, Some(2), "{ran:?}");
     assert!(ran.stderr.contains("absent-cert.pem"), "{ran:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_job_runs_over_tls_with_tokens_on_a_coordinator_and_two_worker_processes() {
+    use common::process::{run_with_timeout, wait_for_file, Guard};
+
+    let (data, base) = common::toy_inputs();
+    let dir = temp_dir("cluster");
+    let pki = TestPki::generate(&dir.join("pki"));
+    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let read_log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let join_token = "cluster-join-token-4e";
+
+    let address_file = dir.join("coordinator.addr");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spin-coordinator"));
+    without_spin_env(&mut command)
+        .args(["--listen", "127.0.0.1:0", "--address-file"])
+        .arg(&address_file)
+        .arg("--journal")
+        .arg(dir.join("journal.redb"))
+        .arg("--tls-cert")
+        .arg(&pki.server_cert)
+        .arg("--tls-key")
+        .arg(&pki.server_key)
+        .arg("--tls-client-ca")
+        .arg(&pki.ca)
+        .env("SPIN_COORDINATOR__API_TOKEN", TOKEN)
+        .env("SPIN_COORDINATOR__JOIN_TOKEN", join_token)
+        .env("SPIN_COORDINATOR__STORE", dir.join("store"))
+        .env("SPIN_COORDINATOR__MIN_WORKERS", "2")
+        .env("SPIN_COORDINATOR__TICK_INTERVAL_MS", "100")
+        .env("SPIN_COORDINATOR__HEARTBEAT_TIMEOUT_MS", "5000")
+        .stderr(log("coordinator.log"));
+    let coordinator = Guard(command.spawn().unwrap());
+    let url = format!(
+        "https://{}",
+        wait_for_file(&address_file, Duration::from_secs(30))
+    );
+
+    let workers: Vec<Guard> = (0..2)
+        .map(|i| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_spin-worker"));
+            without_spin_env(&mut command)
+                .args(["--coordinator", &url, "--ring-timeout-s", "30"])
+                .env("SPIN_JOIN_TOKEN", join_token)
+                .env("SPIN_WORKER_TLS_CA", &pki.ca)
+                .env("SPIN_WORKER_TLS_CERT", &pki.server_cert)
+                .env("SPIN_WORKER_TLS_KEY", &pki.server_key)
+                .stderr(log(&format!("worker-{i}.log")));
+            Guard(command.spawn().unwrap())
+        })
+        .collect();
+
+    let spinctl = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spinctl"));
+        without_spin_env(&mut command)
+            .args(["--coordinator", &url])
+            .args(args)
+            .env("SPIN_TOKEN", TOKEN)
+            .env("SPIN_TLS_CA", &pki.ca)
+            .env("SPIN_TLS_CERT", &pki.client_cert)
+            .env("SPIN_TLS_KEY", &pki.client_key);
+        command
+    };
+    let spec = dir.join("job.toml");
+    std::fs::write(&spec, common::spin_spec(data, base, &dir.join("unused"))).unwrap();
+    let out = run_with_timeout(
+        spinctl(&["submit", &spec.display().to_string()]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let out = run_with_timeout(
+        spinctl(&["logs", &job, "--follow"]),
+        Duration::from_secs(300),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && text.to_lowercase().contains("done"),
+        "logs --follow: {:?}\n{text}\n{}\ncoordinator:\n{}\nworker 0:\n{}\nworker 1:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        read_log("coordinator.log"),
+        read_log("worker-0.log"),
+        read_log("worker-1.log"),
+    );
+    // Both workers trained as ranks of a ring of two: the ring ran over TLS with the token.
+    for i in 0..2 {
+        let log = read_log(&format!("worker-{i}.log"));
+        assert!(log.contains("world=2"), "worker {i}:\n{log}");
+        assert!(log.contains("collective=https://"), "worker {i}:\n{log}");
+    }
+    drop(workers);
+    drop(coordinator);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,6 +19,17 @@ pub struct IdError {
     pub source: uuid::Error,
 }
 
+/// `s` as it is if short, else its first 64 characters and its length: errors echo what was
+/// given, and a huge value must not make a huge error (gRPC carries it in a header).
+pub fn shorten(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(MAX).collect();
+    format!("{head}... ({} bytes)", s.len())
+}
+
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
@@ -61,7 +72,7 @@ macro_rules! uuid_id {
             fn from_str(s: &str) -> Result<Self, IdError> {
                 Uuid::parse_str(s).map(Self).map_err(|source| IdError {
                     kind: $kind,
-                    value: s.to_string(),
+                    value: shorten(s),
                     source,
                 })
             }

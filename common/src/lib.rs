@@ -2,6 +2,7 @@
 //!
 //! [`dataset`] reads Pick-a-Pic parquet shards into preference pairs and preprocesses their
 //! images; [`toy`] writes the synthetic dataset in the same schema; [`spec`] is the job spec.
+//! [`auth`] (bearer tokens) and [`tls`] (certificates) secure the gRPC ports.
 
 pub mod auth;
 pub mod checkpoint;

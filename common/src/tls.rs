@@ -272,9 +272,11 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// A status's message and, when a broken connection caused it (a TLS alert, a reset), what
 /// broke it.
 pub fn status_text(status: &tonic::Status) -> String {
-    match std::error::Error::source(status) {
-        Some(source) => format!("{}: {}", status.message(), error_chain(source)),
-        None => status.message().to_string(),
+    let message = status.message();
+    match std::error::Error::source(status).map(error_chain) {
+        Some(chain) if chain.starts_with(message) => chain,
+        Some(chain) => format!("{message}: {chain}"),
+        None => message.to_string(),
     }
 }
 

@@ -19,32 +19,52 @@ use spin_common::spec::{JobSpec, RawJobSpec, SpecError};
 const MINIMAL: &str =
     "[model]\nbase = \"base\"\n[data]\ntrain = [\"data\"]\n[[iteration]]\nlr = 2e-5\nsteps = 50\n";
 
-/// A fresh folder under the system temp dir, unique per process and call.
-fn scratch(name: &str) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "spin-common-bad-{name}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder under the system temp dir, unique per process and call, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "spin-common-bad-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
 }
 
-/// One small toy shard, written once per test binary.
-fn toy_shard() -> &'static Path {
-    static SHARD: OnceLock<PathBuf> = OnceLock::new();
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The bytes of one small toy shard, written once per test binary and kept in memory.
+fn toy_shard() -> &'static [u8] {
+    static SHARD: OnceLock<Vec<u8>> = OnceLock::new();
     SHARD.get_or_init(|| {
-        let dir = scratch("toy");
-        let paths = spin_common::toy::write_toy_dataset(&dir, 16, 3).unwrap();
-        paths[0].clone()
+        let dir = Scratch::new("toy");
+        let paths = spin_common::toy::write_toy_dataset(&*dir, 16, 3).unwrap();
+        std::fs::read(&paths[0]).unwrap()
     })
 }
 
 /// A good JPEG from the toy shard.
 fn toy_jpeg() -> Vec<u8> {
-    let (pairs, _) = read_pairs(&[toy_shard()]).unwrap();
+    let dir = Scratch::new("toy-read");
+    let path = dir.join("toy.parquet");
+    std::fs::write(&path, toy_shard()).unwrap();
+    let (pairs, _) = read_pairs(&[&path]).unwrap();
     pairs[0].winner.clone()
 }
 
@@ -135,7 +155,8 @@ fn spec_syntax_error_names_file_and_line() {
 
 #[test]
 fn spec_file_that_does_not_exist_is_named() {
-    let path = scratch("nospec").join("missing.toml");
+    let dir = Scratch::new("nospec");
+    let path = dir.join("missing.toml");
     let err = JobSpec::load(&path, &HashMap::new()).unwrap_err();
     assert!(matches!(err, SpecError::Parse { .. }), "{err:?}");
     assert_names(&err.to_string(), &["missing.toml"]);
@@ -143,7 +164,7 @@ fn spec_file_that_does_not_exist_is_named() {
 
 #[test]
 fn spec_environment_override_of_the_wrong_type_names_the_key() {
-    let dir = scratch("envspec");
+    let dir = Scratch::new("envspec");
     let path = dir.join("job.toml");
     std::fs::write(&path, MINIMAL).unwrap();
     let env = HashMap::from([(
@@ -164,7 +185,8 @@ fn write_batch(path: &Path, columns: Vec<(&str, ArrayRef)>) {
 
 #[test]
 fn parquet_that_is_not_parquet_names_the_file() {
-    let path = scratch("notparquet").join("notes.parquet");
+    let dir = Scratch::new("notparquet");
+    let path = dir.join("notes.parquet");
     std::fs::write(&path, "caption,jpg_0\nhello,world\n").unwrap();
     let err = PickAPicReader::open(&path).unwrap_err();
     assert!(matches!(err, DatasetError::Parquet { .. }), "{err:?}");
@@ -173,8 +195,9 @@ fn parquet_that_is_not_parquet_names_the_file() {
 
 #[test]
 fn parquet_truncated_names_the_file() {
-    let bytes = std::fs::read(toy_shard()).unwrap();
-    let path = scratch("truncated").join("cut.parquet");
+    let bytes = toy_shard();
+    let dir = Scratch::new("truncated");
+    let path = dir.join("cut.parquet");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = read_pairs(&[&path]).unwrap_err();
     assert_names(&err.to_string(), &["cut.parquet"]);
@@ -185,10 +208,11 @@ fn marker(jpeg: &[u8], kind: u8) -> usize {
     jpeg.windows(2).position(|w| w == [0xFF, kind]).unwrap()
 }
 
-/// A one-row shard whose `jpg_0` is `bad` (it wins) and `jpg_1` a good JPEG.
-fn one_row_shard(name: &str, bad: &[u8]) -> PathBuf {
+/// A one-row shard `dir/{name}.parquet` whose `jpg_0` is `bad` (it wins) and `jpg_1` a good
+/// JPEG.
+fn one_row_shard(dir: &Path, name: &str, bad: &[u8]) -> PathBuf {
     let good = toy_jpeg();
-    let path = scratch(name).join(format!("{name}.parquet"));
+    let path = dir.join(format!("{name}.parquet"));
     write_batch(
         &path,
         vec![
@@ -220,7 +244,8 @@ fn jpeg_without_huffman_tables_names_row_and_column() {
     let mut bad = toy_jpeg();
     let dht = marker(&bad, 0xC4);
     bad[dht + 1] = 0xEE;
-    let path = one_row_shard("no-dht", &bad);
+    let dir = Scratch::new("no-dht");
+    let path = one_row_shard(&dir, "no-dht", &bad);
     let (pairs, _) = read_with(&path, ImageCheck::Header);
     assert_eq!(pairs.len(), 1, "the header check lets it through");
     let err = pairs[0].winner_pixels(32, false).unwrap_err();
@@ -241,7 +266,8 @@ fn jpeg_without_huffman_tables_names_row_and_column() {
 fn jpeg_cut_after_its_header_is_skipped_naming_the_column() {
     let good = toy_jpeg();
     let sos = marker(&good, 0xDA);
-    let path = one_row_shard("cut-jpeg", &good[..sos + 4]);
+    let dir = Scratch::new("cut-jpeg");
+    let path = one_row_shard(&dir, "cut-jpeg", &good[..sos + 4]);
     let (pairs, report) = read_with(&path, ImageCheck::Header);
     assert!(pairs.is_empty());
     assert_eq!((report.rows, report.skipped.len()), (1, 1));
@@ -274,7 +300,7 @@ fn spec_over(data: &Path) -> JobSpec {
 
 #[test]
 fn a_dataset_of_ties_has_no_usable_pairs() {
-    let dir = scratch("ties");
+    let dir = Scratch::new("ties");
     let jpeg = toy_jpeg();
     let images: Vec<&[u8]> = vec![&jpeg; 4];
     write_batch(
@@ -296,7 +322,8 @@ fn a_dataset_of_ties_has_no_usable_pairs() {
 
 #[test]
 fn a_missing_data_path_is_named() {
-    let missing = scratch("nodata").join("no-such-data");
+    let dir = Scratch::new("nodata");
+    let missing = dir.join("no-such-data");
     let err = JobPrompts::read(&spec_over(&missing))
         .unwrap_err()
         .to_string();
@@ -305,7 +332,8 @@ fn a_missing_data_path_is_named() {
 
 #[test]
 fn a_data_folder_without_shards_is_named() {
-    let empty = scratch("emptydata").join("empty-folder");
+    let dir = Scratch::new("emptydata");
+    let empty = dir.join("empty-folder");
     std::fs::create_dir_all(&empty).unwrap();
     let err = JobPrompts::read(&spec_over(&empty))
         .unwrap_err()

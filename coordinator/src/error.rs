@@ -57,9 +57,23 @@ impl From<MembershipError> for ServiceError {
     }
 }
 
+/// The longest status message sent (the client's whole header block is 16 KiB by default).
+const MAX_MESSAGE_BYTES: usize = 2048;
+
 impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Self {
-        let message = err.to_string();
+        // gRPC carries the message in a header: a message echoing a huge input must not
+        // outgrow the client's header limit and turn into a dropped connection.
+        let mut message = err.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            let total = message.len();
+            message.truncate(end);
+            message.push_str(&format!("... ({total} bytes in all)"));
+        }
         match err {
             ServiceError::InvalidArgument { .. } | ServiceError::Proto(_) => {
                 Status::invalid_argument(message)

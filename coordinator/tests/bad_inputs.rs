@@ -294,13 +294,21 @@ async fn job_ids_that_are_empty_or_malformed_name_the_field() {
     .unwrap_err();
     assert_status(&err, Code::NotFound, &[&unknown, "not known"]);
 
-    // A 4 KiB id: refused as malformed, naming the field.
-    let err = t(jobs.get_job(v1::GetJobRequest {
-        job_id: "7".repeat(4 << 10),
-    }))
-    .await
-    .unwrap_err();
-    assert_status(&err, Code::InvalidArgument, &["GetJobRequest.job_id"]);
+    // 4 KiB and 64 KiB ids: refused as malformed, naming the field, with a short message
+    // (a message echoing the whole value would outgrow the client's header limit).
+    for len in [4 << 10, 64 << 10] {
+        let err = t(jobs.get_job(v1::GetJobRequest {
+            job_id: "7".repeat(len),
+        }))
+        .await
+        .unwrap_err();
+        assert_status(&err, Code::InvalidArgument, &["GetJobRequest.job_id"]);
+        assert!(err.message().len() < 4096, "{len}: {}", err.message().len());
+    }
+    // A spec with a 64 KiB unknown key: refused naming the field, not a dropped connection.
+    let key = "k".repeat(64 << 10);
+    let err = submit(&sandbox, format!("[training]\n{key} = 1\n")).await;
+    assert_status(&err, Code::InvalidArgument, &["SubmitJobRequest.spec_toml"]);
 
     sandbox.shutdown().await;
 }
@@ -349,6 +357,20 @@ async fn worker_registrations_and_sessions_refuse_bad_fields() {
         Code::InvalidArgument,
         &["RegisterWorkerRequest.collective_address", "is empty"],
     );
+
+    for address in ["not an address".to_string(), "h".repeat(1 << 20) + ":1"] {
+        let err = t(control.register_worker(v1::RegisterWorkerRequest {
+            collective_address: address,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+        assert_status(
+            &err,
+            Code::InvalidArgument,
+            &["RegisterWorkerRequest.collective_address"],
+        );
+    }
 
     let heartbeat = v1::WorkerMessage {
         message: Some(worker_message::Message::Heartbeat(v1::Heartbeat {

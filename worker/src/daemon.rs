@@ -287,6 +287,10 @@ fn tls_refused(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Said when a TLS coordinator drops the registration of a worker without a certificate.
+const NO_CLIENT_CERTIFICATE: &str =
+    " (a coordinator that requires client certificates needs --tls-cert and --tls-key)";
+
 /// Registers (retrying until `connect_timeout`) and opens the session stream.
 async fn open_session(
     config: &WorkerConfig,
@@ -321,7 +325,14 @@ async fn open_session(
                 .map_err(|s| {
                     // Refusals other than "unavailable" will not change by retrying.
                     let retry = s.code() == tonic::Code::Unavailable;
-                    (retry, format!("registration refused: {}", status_text(&s)))
+                    let mut message = format!("registration refused: {}", status_text(&s));
+                    // A TLS connection dropped under the call: most often a missing certificate.
+                    let anonymous =
+                        config.tls_cert.is_none() && config.coordinator.starts_with("https://");
+                    if anonymous && std::error::Error::source(&s).is_some() {
+                        message.push_str(NO_CLIENT_CERTIFICATE);
+                    }
+                    (retry, message)
                 })?
                 .into_inner();
             let (tx, rx) = mpsc::channel(256);

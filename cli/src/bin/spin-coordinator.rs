@@ -21,6 +21,12 @@ struct Args {
     /// Journal file (overrides the config's `journal_path`).
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// The object store: a directory every worker sees (overrides the config's `store`).
+    #[arg(long)]
+    store: Option<String>,
+    /// Workers a job waits for before it starts or resumes (overrides `min_workers`).
+    #[arg(long)]
+    min_workers: Option<usize>,
     /// Settings file (TOML); `SPIN_COORDINATOR__*` variables override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -45,13 +51,29 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     spin_cli::init_tracing(&args.log_format);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let mut config = CoordinatorConfig::load(args.config.as_deref(), &env)?;
     if let Some(journal) = args.journal {
         config.journal_path = journal;
+    }
+    if let Some(store) = args.store {
+        config.store = store;
+    }
+    if let Some(n) = args.min_workers {
+        config.min_workers = n;
     }
     config.tls_cert = args.tls_cert.or(config.tls_cert);
     config.tls_key = args.tls_key.or(config.tls_key);

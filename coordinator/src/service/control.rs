@@ -37,6 +37,37 @@ impl ControlApi {
     }
 }
 
+/// A worker's collective address as its peers will dial it: `host:port`, optionally with an
+/// `http://` or `https://` scheme, at most 255 bytes.
+fn collective_address(value: &str) -> Result<String, ServiceError> {
+    const FIELD: &str = "RegisterWorkerRequest.collective_address";
+    let invalid = |reason: String| ServiceError::InvalidArgument {
+        field: FIELD,
+        reason,
+    };
+    non_empty(FIELD, value)?;
+    if value.len() > 255 {
+        return Err(invalid(format!(
+            "{} bytes is longer than a host:port can be (255)",
+            value.len()
+        )));
+    }
+    let authority = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .unwrap_or(value);
+    let port_ok = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok || authority.contains(char::is_whitespace) || authority.contains('/') {
+        return Err(invalid(format!(
+            "{:?} is not host:port (e.g. 10.0.0.5:7171)",
+            spin_common::ids::shorten(value)
+        )));
+    }
+    Ok(value.to_string())
+}
+
 /// The worker id of a session's first message.
 fn hello(first: Option<v1::WorkerMessage>) -> Result<WorkerId, ServiceError> {
     match first.and_then(|m| m.message) {
@@ -62,11 +93,7 @@ impl v1::control_service_server::ControlService for ControlApi {
         let request = request.into_inner();
         self.join
             .check_field("RegisterWorkerRequest.join_token", &request.join_token)?;
-        let address = non_empty(
-            "RegisterWorkerRequest.collective_address",
-            &request.collective_address,
-        )?
-        .to_string();
+        let address = collective_address(&request.collective_address)?;
         let device = request.device.map(Into::into).unwrap_or_default();
         let id = self
             .coordinator
@@ -181,6 +208,33 @@ async fn handle(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collective_addresses_must_be_host_and_port() {
+        for ok in [
+            "127.0.0.1:7171",
+            "worker-3:1",
+            "https://gpu7.lan:7171",
+            "[::1]:9000",
+        ] {
+            assert_eq!(collective_address(ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            "not an address",
+            "host",
+            "host:0",
+            ":80",
+            "host:99999",
+            "a b:1",
+        ] {
+            let err = collective_address(bad).unwrap_err().to_string();
+            assert!(err.contains("collective_address"), "{bad}: {err}");
+        }
+        let huge = "h".repeat(1 << 20) + ":1";
+        let err = collective_address(&huge).unwrap_err().to_string();
+        assert!(err.contains("255") && err.len() < 300, "{}", err.len());
+    }
 
     #[test]
     fn sessions_must_open_with_a_well_formed_hello() {
