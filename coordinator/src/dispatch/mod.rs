@@ -69,6 +69,8 @@ pub struct Plan {
     pub held_out: bool,
     /// The job's directory in the object store.
     pub job_dir: PathBuf,
+    /// The largest ring: `training.gradient_accumulation` (each rank needs a micro-batch).
+    pub max_world: usize,
 }
 
 impl Plan {
@@ -87,6 +89,7 @@ impl Plan {
             shards: plan_shards(count, size)?,
             held_out: held_out > 0,
             job_dir,
+            max_world: spec.training.gradient_accumulation.max(1),
         })
     }
 
@@ -229,7 +232,7 @@ impl JobRun {
             }
             JobState::Training(k) => {
                 let steps = self.plan.steps.get(k as usize).copied().unwrap_or(0);
-                Phase::Training(Training::new(k, steps))
+                Phase::Training(Training::new(k, steps).with_max_world(self.plan.max_world))
             }
             JobState::Snapshot(k) => {
                 let replicas = match &self.phase {
@@ -274,7 +277,7 @@ impl JobRun {
                 let steps = self.plan.steps.get(point.iteration as usize).copied();
                 let (training, more) =
                     Training::resumed(point.iteration, steps.unwrap_or(0), &point);
-                self.phase = Phase::Training(training);
+                self.phase = Phase::Training(training.with_max_world(self.plan.max_world));
                 actions.extend(more);
             }
             (Phase::Snapshot(s), Found::Snapshot { dir, verified }) => {

@@ -136,6 +136,7 @@ mod tests {
                 shards: plan_shards(10, 3).unwrap(),
                 held_out,
                 job_dir: self.0.clone(),
+                max_world: usize::MAX,
             }
         }
 

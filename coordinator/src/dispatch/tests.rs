@@ -40,6 +40,7 @@ fn run(train: u64, size: u64, held_out: bool, steps: &[u64]) -> JobRun {
         shards: plan_shards(train, size).unwrap(),
         held_out,
         job_dir: PathBuf::from("/store/jobs/j"),
+        max_world: usize::MAX,
     };
     JobRun::new(JobId::new(), plan, TTL)
 }
@@ -371,6 +372,33 @@ fn training_waits_for_tasks_in_flight_then_forms_one_ring() {
     assert_eq!(
         triggers(&actions),
         [Trigger::SnapshotPublished { iteration: 0 }]
+    );
+}
+
+#[test]
+fn rings_are_no_larger_than_the_micro_batches_of_a_step() {
+    let t0 = Instant::now();
+    let workers = members(3, t0);
+    let plan = Plan {
+        seed: 42,
+        steps: vec![4],
+        shards: plan_shards(4, 2).unwrap(),
+        held_out: false,
+        job_dir: PathBuf::from("/store/jobs/j"),
+        max_world: 2,
+    };
+    let mut run = JobRun::new(JobId::new(), plan, TTL);
+    run.enter(JobState::Training(0));
+    let ring = sends(&run.dispatch(&workers, 1, t0));
+    let steps: Vec<v1::TrainSteps> = ring.iter().map(|(_, t)| train(t)).collect();
+    assert_eq!(
+        steps.iter().map(|s| (s.rank, s.world)).collect::<Vec<_>>(),
+        [(0, 2), (1, 2)],
+        "the third worker waits: 2 micro-batches per step"
+    );
+    assert_eq!(
+        ring.iter().map(|(w, _)| *w).collect::<Vec<_>>(),
+        [workers[0].id, workers[1].id]
     );
 }
 

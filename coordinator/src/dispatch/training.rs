@@ -69,6 +69,8 @@ pub(super) struct Training {
     /// Set from the loss of every replica until the coordinator says where the store lets
     /// training go on ([`Training::restore`]).
     lost_all: Option<LostAll>,
+    /// The largest ring (more ranks than micro-batches would leave some without work).
+    max_world: usize,
 }
 
 impl Training {
@@ -82,7 +84,14 @@ impl Training {
             ring: None,
             stalled: 0,
             lost_all: None,
+            max_world: usize::MAX,
         }
+    }
+
+    /// Rings of at most `n` workers (the first ones in join order; the others wait).
+    pub(super) fn with_max_world(mut self, n: usize) -> Self {
+        self.max_world = n.max(1);
+        self
     }
 
     /// Iteration `iteration` of `steps` steps resumed from what the store holds (`point`).
@@ -210,6 +219,7 @@ impl Training {
             .iter()
             .copied()
             .filter(|m| self.replicas.as_ref().is_none_or(|r| r.contains(&m.id)))
+            .take(self.max_world)
             .collect();
         if eligible.is_empty() {
             // With the weights in the store, wait for a worker; else the replicas are gone.
