@@ -33,7 +33,7 @@ use crate::train::runner::{JobRunner, Metrics, StepReport};
 use crate::train::TrainError;
 
 /// What a worker daemon is told (from flags or `SPIN_WORKER__*`).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WorkerConfig {
     /// The coordinator's URL, e.g. `http://10.0.0.1:7070`.
     pub coordinator: String,
@@ -57,6 +57,31 @@ pub struct WorkerConfig {
     pub tls_cert: Option<PathBuf>,
     /// The private key of `tls_cert` (PEM).
     pub tls_key: Option<PathBuf>,
+}
+
+/// Every field but the join token, which shows only whether one is set.
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("coordinator", &self.coordinator)
+            .field("collective_listen", &self.collective_listen)
+            .field("advertise", &self.advertise)
+            .field("device", &self.device)
+            .field(
+                "join_token",
+                &if self.join_token.is_empty() {
+                    "(none)"
+                } else {
+                    "(set)"
+                },
+            )
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ring_timeout", &self.ring_timeout)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .finish()
+    }
 }
 
 impl Default for WorkerConfig {
@@ -675,5 +700,24 @@ fn train(
     ) {
         Ok(done) => Ok(succeeded(Vec::new(), Vec::new(), done)),
         Err(f) => Err(failed(f.error.to_string(), f.retryable, f.completed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_join_token_never_shows_in_debug_output() {
+        let config = WorkerConfig {
+            join_token: "s3cret-join-token".into(),
+            ..WorkerConfig::default()
+        };
+        let text = format!("{config:?}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains("(set)") && text.contains("coordinator"),
+            "{text}"
+        );
     }
 }
