@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,96 +15,22 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use spin_coordinator::{Coordinator, CoordinatorConfig};
+use common::server::Server;
+use spin_coordinator::CoordinatorConfig;
 
 /// The longest any one wait of these tests may take.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 const SPEC: &str = "[job]\nname = \"toy-it\"\n[model]\nbase = \"base\"\n[data]\ntrain = [\"data\"]\n[[iteration]]\nlr = 2e-5\nsteps = 50\n";
 
-/// A fresh folder under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir =
-        std::env::temp_dir().join(format!("spinctl-it-{}-{name}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A coordinator served on its own thread and tokio runtime; stopping it joins the thread, so
-/// the journal is closed and can be reopened.
-struct Server {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Serves the journal in `dir` on `addr` (port 0: any free port).
-    fn start(dir: &Path, addr: &str) -> Self {
-        let config = CoordinatorConfig {
-            journal_path: dir.join("journal.redb"),
-            tick_interval: Duration::from_millis(50),
-            ..CoordinatorConfig::default()
-        };
-        let addr: SocketAddr = addr.parse().unwrap();
-        let (bound_tx, bound_rx) = mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-                let coordinator = Coordinator::open(config.validate().unwrap()).unwrap();
-                bound_tx.send(listener.local_addr().unwrap()).unwrap();
-                spin_coordinator::serve(coordinator, listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-            });
-        });
-        let addr = bound_rx.recv_timeout(TIMEOUT).expect("coordinator started");
-        Self {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + TIMEOUT;
-            while !thread.is_finished() {
-                assert!(Instant::now() < deadline, "coordinator did not stop");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            thread.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            self.halt();
-        } else if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+/// A coordinator on `addr` with its journal in `dir`.
+fn start(dir: &Path, addr: &str) -> Server {
+    let config = CoordinatorConfig {
+        journal_path: dir.join("journal.redb"),
+        tick_interval: Duration::from_millis(50),
+        ..CoordinatorConfig::default()
+    };
+    Server::start(config, addr)
 }
 
 /// What a finished `spinctl` run gave.
@@ -265,8 +193,8 @@ fn submit(url: &str, dir: &Path) -> String {
 
 #[test]
 fn a_job_is_submitted_listed_watched_and_cancelled() {
-    let dir = temp_dir("lifecycle");
-    let server = Server::start(&dir, "127.0.0.1:0");
+    let dir = common::temp_dir("lifecycle");
+    let server = start(&dir, "127.0.0.1:0");
     let url = server.url();
     let id = submit(&url, &dir);
 
@@ -323,8 +251,8 @@ fn a_job_is_submitted_listed_watched_and_cancelled() {
 
 #[test]
 fn submit_follow_prints_the_id_then_the_events() {
-    let dir = temp_dir("submit-follow");
-    let server = Server::start(&dir, "127.0.0.1:0");
+    let dir = common::temp_dir("submit-follow");
+    let server = start(&dir, "127.0.0.1:0");
     let url = server.url();
     let spec = write_spec(&dir, SPEC);
     let mut follow = Running::spawn(&url, &["submit", spec.to_str().unwrap(), "--follow"]);
@@ -341,8 +269,8 @@ fn submit_follow_prints_the_id_then_the_events() {
 
 #[test]
 fn follow_reconnects_after_a_coordinator_restart() {
-    let dir = temp_dir("restart");
-    let server = Server::start(&dir, "127.0.0.1:0");
+    let dir = common::temp_dir("restart");
+    let server = start(&dir, "127.0.0.1:0");
     let url = server.url();
     let addr = server.addr.to_string();
     let id = submit(&url, &dir);
@@ -351,7 +279,7 @@ fn follow_reconnects_after_a_coordinator_restart() {
     server.stop();
     follow.wait_for("reconnecting");
     // The same journal on the same port: the job is still there, still pending.
-    let server = Server::start(&dir, &addr);
+    let server = start(&dir, &addr);
     let cancel = spinctl(&url, &["cancel", &id]);
     assert_eq!(cancel.code, Some(0), "{cancel:?}");
     let ran = follow.finish();
@@ -364,8 +292,8 @@ fn follow_reconnects_after_a_coordinator_restart() {
 
 #[test]
 fn a_bad_spec_exits_2_naming_the_field() {
-    let dir = temp_dir("bad-spec");
-    let server = Server::start(&dir, "127.0.0.1:0");
+    let dir = common::temp_dir("bad-spec");
+    let server = start(&dir, "127.0.0.1:0");
     let url = server.url();
     let spec = write_spec(&dir, &format!("{SPEC}[training]\nbatch_sise = 4\n"));
     let ran = spinctl(&url, &["submit", spec.to_str().unwrap()]);
@@ -385,8 +313,8 @@ fn a_bad_spec_exits_2_naming_the_field() {
 
 #[test]
 fn an_unknown_job_exits_2() {
-    let dir = temp_dir("unknown");
-    let server = Server::start(&dir, "127.0.0.1:0");
+    let dir = common::temp_dir("unknown");
+    let server = start(&dir, "127.0.0.1:0");
     let url = server.url();
     let id = spin_common::ids::JobId::new().to_string();
     for args in [
@@ -429,7 +357,7 @@ fn an_unreachable_coordinator_exits_2_naming_the_url() {
 
 #[test]
 fn the_coordinator_binary_writes_its_address_file() {
-    let dir = temp_dir("binary");
+    let dir = common::temp_dir("binary");
     let address_file = dir.join("address");
     let mut child = Command::new(env!("CARGO_BIN_EXE_spin-coordinator"))
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
@@ -471,8 +399,8 @@ fn the_coordinator_binary_writes_its_address_file() {
 fn follow_as_a_library_call_returns_the_outcome_or_gives_up() {
     use spin_cli::logs::{follow, Backoff, FollowOptions, Outcome};
 
-    let dir = temp_dir("library");
-    let server = Server::start(&dir, "127.0.0.1:0");
+    let dir = common::temp_dir("library");
+    let server = start(&dir, "127.0.0.1:0");
     let url = server.url();
     let ended = submit(&url, &dir);
     let live = submit(&url, &dir);

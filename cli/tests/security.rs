@@ -11,81 +11,18 @@
 mod common;
 
 use std::io::Read;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::server::Server;
 use spin_common::test_pki::TestPki;
-use spin_coordinator::{Coordinator, CoordinatorConfig};
+use spin_coordinator::CoordinatorConfig;
 
 /// The longest any one wait of these tests may take.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 const TOKEN: &str = "spinctl-test-token-93";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir =
-        std::env::temp_dir().join(format!("spinctl-sec-{}-{name}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A coordinator served on its own thread and runtime until dropped.
-struct Server {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(config: CoordinatorConfig) -> Self {
-        let (bound_tx, bound_rx) = mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let coordinator = Coordinator::open(config.validate().unwrap()).unwrap();
-                bound_tx.send(listener.local_addr().unwrap()).unwrap();
-                spin_coordinator::serve(coordinator, listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-            });
-        });
-        let addr = bound_rx.recv_timeout(TIMEOUT).expect("coordinator started");
-        Self {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + TIMEOUT;
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() && !std::thread::panicking() {
-                thread.join().unwrap();
-            }
-        }
-    }
-}
 
 fn config(dir: &Path) -> CoordinatorConfig {
     CoordinatorConfig {
@@ -159,8 +96,8 @@ fn spinctl(coordinator: &str, args: &[&str], env: &[(&str, &str)]) -> Ran {
 
 #[test]
 fn spinctl_sends_the_api_token_and_says_when_it_is_refused() {
-    let dir = temp_dir("token");
-    let server = Server::start(config(&dir));
+    let dir = common::temp_dir("token");
+    let server = Server::start(config(&dir), "127.0.0.1:0");
     let url = format!("http://{}", server.addr);
 
     let wrong = spinctl(&url, &["--token", "wrong", "list"], &[]);
@@ -195,14 +132,17 @@ fn spinctl_sends_the_api_token_and_says_when_it_is_refused() {
 
 #[test]
 fn spinctl_reaches_a_tls_coordinator_with_its_ca_and_a_client_certificate() {
-    let dir = temp_dir("tls");
+    let dir = common::temp_dir("tls");
     let pki = TestPki::generate(&dir.join("pki"));
-    let server = Server::start(CoordinatorConfig {
-        tls_cert: Some(pki.server_cert.clone()),
-        tls_key: Some(pki.server_key.clone()),
-        tls_client_ca: Some(pki.ca.clone()),
-        ..config(&dir)
-    });
+    let server = Server::start(
+        CoordinatorConfig {
+            tls_cert: Some(pki.server_cert.clone()),
+            tls_key: Some(pki.server_key.clone()),
+            tls_client_ca: Some(pki.ca.clone()),
+            ..config(&dir)
+        },
+        "127.0.0.1:0",
+    );
     let port = server.addr.port();
     let ca = pki.ca.display().to_string();
     let (cert, key) = (
@@ -252,7 +192,7 @@ fn spinctl_reaches_a_tls_coordinator_with_its_ca_and_a_client_certificate() {
 
 #[test]
 fn spin_worker_names_a_certificate_it_cannot_read() {
-    let dir = temp_dir("worker");
+    let dir = common::temp_dir("worker");
     let cert = dir.join("absent-cert.pem");
     let mut command = Command::new(env!("CARGO_BIN_EXE_spin-worker"));
     command.args(["--coordinator", "https://127.0.0.1:1"]);
@@ -275,7 +215,7 @@ fn a_job_runs_over_tls_with_tokens_on_a_coordinator_and_two_worker_processes() {
     use common::process::{run_with_timeout, wait_for_file, Guard};
 
     let (data, base) = common::toy_inputs();
-    let dir = temp_dir("cluster");
+    let dir = common::temp_dir("cluster");
     let pki = TestPki::generate(&dir.join("pki"));
     let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
     let read_log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod process;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
