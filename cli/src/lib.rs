@@ -23,3 +23,30 @@ pub fn init_tracing(format: &str) {
         builder.init();
     }
 }
+
+/// Resolves on ctrl-c or, on Unix, SIGTERM (what `kill` and container runtimes send).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot wait for SIGTERM; ctrl-c still stops");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if let Err(err) = result {
+                tracing::error!(error = %err, "cannot wait for ctrl-c; shutting down");
+            }
+        }
+        () = terminate => {}
+    }
+}

@@ -87,7 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let address = listener.local_addr().context("reading the bound address")?;
         write_atomically(path, &format!("{address}\n"))?;
     }
-    let served = spin_coordinator::serve(coordinator, listener, shutdown_signal()).await;
+    let served = spin_coordinator::serve(coordinator, listener, spin_cli::shutdown_signal()).await;
     if let Some(path) = &args.address_file {
         // A stale file would send the next reader to a dead port.
         let _ = std::fs::remove_file(path);
@@ -107,31 +107,4 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(&temp, text).with_context(|| format!("writing {}", temp.display()))?;
     std::fs::rename(&temp, path)
         .with_context(|| format!("renaming {} to {}", temp.display(), path.display()))
-}
-
-/// Resolves on ctrl-c or, on Unix, SIGTERM (what `kill` and container runtimes send).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot wait for SIGTERM; ctrl-c still stops");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => {
-            if let Err(err) = result {
-                tracing::error!(error = %err, "cannot wait for ctrl-c; shutting down");
-            }
-        }
-        () = terminate => {}
-    }
 }
