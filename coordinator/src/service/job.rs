@@ -1,10 +1,11 @@
 //! `JobService`: submit, get, list, cancel and watch jobs, for `spinctl`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use spin_common::ids::JobId;
 use spin_common::proto::{parse_id, v1};
-use spin_common::spec::{JobSpec, RawJobSpec};
+use spin_common::spec::{JobSpec, RawJobSpec, SpecError};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -34,11 +35,12 @@ pub fn parse_spec(text: &str) -> Result<JobSpec, ServiceError> {
         )));
     }
     non_empty(SPEC_FIELD, text)?;
-    let raw: RawJobSpec = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .build()
-        .and_then(config::Config::try_deserialize)
-        .map_err(|e| invalid(format!("job spec: {e}")))?;
+    let raw = RawJobSpec::parse(text, Path::new(SPEC_FIELD), &HashMap::new()).map_err(|e| {
+        invalid(match e {
+            SpecError::Parse { message, .. } => format!("job spec: {message}"),
+            other => other.to_string(),
+        })
+    })?;
     raw.validate(Path::new(""))
         .map_err(|e| invalid(e.to_string()))
 }
