@@ -6,6 +6,8 @@
 //! 16). Prints the median step time and the training phase's wall time per step of both, and
 //! their ratio (goal: <= 1.03).
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -14,75 +16,25 @@ use spin_common::proto::v1;
 use spin_common::spec::JobSpec;
 use spin_worker::train::self_play::{run_local, TrainEvent};
 
-fn spec(
-    data: &std::path::Path,
-    base: &std::path::Path,
-    out: &std::path::Path,
-    steps: u64,
-) -> String {
-    format!(
-        r#"[job]
-name = "orchestration-bench"
-seed = 5
-output = "{out}"
-[model]
-base = "{base}"
-[data]
-train = ["{data}"]
-resolution = 32
-held_out_fraction = 0.1
-max_prompts = 32
-[sampling]
-steps = 2
-guidance = 3.0
-batch_size = 16
-shard_size = 16
-[training]
-objective = "spin"
-batch_size = 8
-gradient_accumulation = 1
-lr_schedule = "constant"
-warmup_steps = 0
-checkpoint_every = 0
-[[iteration]]
-lr = 1e-4
-beta = 2000.0
-steps = {steps}
-[eval]
-samples = 1
-loss_timesteps = 1
-grid_columns = 1
-"#,
-        out = out.display(),
-        base = base.display(),
-        data = data.display(),
-    )
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    let steps: u64 = std::env::var("SPIN_BENCH_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(16);
-    let dir = std::env::temp_dir().join(format!("spin-orchestration-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let data = dir.join("data");
-    spin_common::toy::write_toy_dataset(&data, 64, 1)?;
-    let base = dir.join("base");
-    spin_worker::toy_model::write_toy_pipeline(&base, &burn::tensor::Device::flex())?;
+    let steps: u64 = common::env_or("SPIN_BENCH_STEPS", 16);
+    let (dir, data, base) = common::toy_inputs("orchestration", 1)?;
+    let bench_job = |output| common::Job {
+        name: "orchestration-bench",
+        seed: 5,
+        output,
+        batch: 8,
+        accumulation: 1,
+        steps,
+    };
 
     // In-process loop.
     let spec_path = dir.join("local.toml");
-    std::fs::write(&spec_path, spec(&data, &base, &dir.join("local"), steps))?;
+    let local = dir.join("local");
+    std::fs::write(
+        &spec_path,
+        common::spec(&bench_job(Some(&local)), &data, &base),
+    )?;
     let job = JobSpec::load(&spec_path, &HashMap::new())?;
     let mut local_steps = Vec::new();
     let mut phase_start = None;
@@ -105,7 +57,7 @@ fn main() -> anyhow::Result<()> {
             ..ClusterOptions::default()
         },
     )?;
-    let id = cluster.submit(spec(&data, &base, &dir.join("unused"), steps))?;
+    let id = cluster.submit(common::spec(&bench_job(None), &data, &base))?;
     let url = cluster.url();
     let runtime = tokio::runtime::Runtime::new()?;
     let (cluster_steps, cluster_phase) = runtime.block_on(async {
@@ -140,8 +92,8 @@ fn main() -> anyhow::Result<()> {
     cluster.stop();
 
     // The first step pays for lazy allocations in both: leave it out of the medians.
-    let local_median = median(local_steps.iter().skip(1).copied().collect());
-    let cluster_median = median(cluster_steps.iter().skip(1).copied().collect());
+    let local_median = common::median(local_steps.iter().skip(1).copied().collect());
+    let cluster_median = common::median(cluster_steps.iter().skip(1).copied().collect());
     let per = |d: Duration| d.as_secs_f64() / steps as f64;
     println!("orchestration overhead, toy UNet, batch 8, {steps} steps, flex CPU");
     println!("                           in-process   1-worker job   ratio");

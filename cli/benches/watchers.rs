@@ -5,48 +5,12 @@
 //! `cargo bench -p spinctl --bench watchers --profile dev` (env `SPIN_BENCH_WATCHERS`, default
 //! 200; `SPIN_BENCH_STEPS`, default 16). Goal: step time change <= 5%.
 
+mod common;
+
 use std::time::Duration;
 
 use spin_cli::cluster::{ClusterOptions, LocalCluster};
 use spin_common::proto::v1;
-
-fn spec(data: &std::path::Path, base: &std::path::Path, steps: u64) -> String {
-    format!(
-        r#"[job]
-name = "watchers-bench"
-seed = 9
-[model]
-base = "{base}"
-[data]
-train = ["{data}"]
-resolution = 32
-held_out_fraction = 0.1
-max_prompts = 32
-[sampling]
-steps = 2
-guidance = 3.0
-batch_size = 16
-shard_size = 16
-[training]
-objective = "spin"
-batch_size = 4
-gradient_accumulation = 2
-lr_schedule = "constant"
-warmup_steps = 0
-checkpoint_every = 0
-[[iteration]]
-lr = 1e-4
-beta = 2000.0
-steps = {steps}
-[eval]
-samples = 1
-loss_timesteps = 1
-grid_columns = 1
-"#,
-        base = base.display(),
-        data = data.display(),
-    )
-}
 
 /// Watches `job` to its end; returns (sequences seen, step times).
 async fn watch(url: String, job: String) -> anyhow::Result<(Vec<u64>, Vec<f64>)> {
@@ -76,26 +40,18 @@ async fn watch(url: String, job: String) -> anyhow::Result<(Vec<u64>, Vec<f64>)>
     Ok((seen, steps))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn main() -> anyhow::Result<()> {
-    let watchers: usize = std::env::var("SPIN_BENCH_WATCHERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    let steps: u64 = std::env::var("SPIN_BENCH_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(16);
-    let dir = std::env::temp_dir().join(format!("spin-watchers-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let data = dir.join("data");
-    spin_common::toy::write_toy_dataset(&data, 64, 2)?;
-    let base = dir.join("base");
-    spin_worker::toy_model::write_toy_pipeline(&base, &burn::tensor::Device::flex())?;
+    let watchers: usize = common::env_or("SPIN_BENCH_WATCHERS", 200);
+    let steps: u64 = common::env_or("SPIN_BENCH_STEPS", 16);
+    let (dir, data, base) = common::toy_inputs("watchers", 2)?;
+    let job = common::Job {
+        name: "watchers-bench",
+        seed: 9,
+        output: None,
+        batch: 4,
+        accumulation: 2,
+        steps,
+    };
     let cluster = LocalCluster::start(
         &dir.join("cluster"),
         &ClusterOptions {
@@ -107,11 +63,11 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let mut results = Vec::new();
     for n in [1, watchers] {
-        let job = cluster.submit(spec(&data, &base, steps))?;
+        let id = cluster.submit(common::spec(&job, &data, &base))?;
         let url = cluster.url();
         let outcome = runtime.block_on(async {
             let tasks: Vec<_> = (0..n)
-                .map(|_| tokio::spawn(watch(url.clone(), job.clone())))
+                .map(|_| tokio::spawn(watch(url.clone(), id.clone())))
                 .collect();
             let mut all = Vec::new();
             for t in tasks {
@@ -122,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         let reference = &outcome[0].0;
         let contiguous = reference.iter().enumerate().all(|(i, s)| *s == i as u64);
         let lost = outcome.iter().filter(|(seen, _)| seen != reference).count();
-        let step_time = median(outcome[0].1.iter().skip(1).copied().collect());
+        let step_time = common::median(outcome[0].1.iter().skip(1).copied().collect());
         println!(
             "{n:>4} watcher(s): {} events each, contiguous from 0: {contiguous}, watchers that \
              missed or reordered an event: {lost}, median step time {step_time:.4} s",
