@@ -181,7 +181,8 @@ impl JobRunner {
         &self.theta
     }
 
-    fn prompts(&mut self) -> Result<&JobPrompts, TrainError> {
+    /// The job's prompts (the dataset read and split), read on first use.
+    pub fn prompts(&mut self) -> Result<&JobPrompts, TrainError> {
         if self.prompts.is_none() {
             self.prompts = Some(JobPrompts::read(&self.spec)?);
         }

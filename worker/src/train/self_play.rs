@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use burn::tensor::Device;
-use spin_common::dataset::JobPrompts;
 use spin_common::shards::plan_shards;
 use spin_common::spec::JobSpec;
 use spin_common::store::Store;
@@ -91,17 +90,18 @@ pub fn run_local(
     // Cached shards of an earlier run in the same folder may be planned differently.
     store.remove("cache").map_err(store_error)?;
     events(&TrainEvent::Phase("preparing".into()));
-    let prompts = JobPrompts::read(spec)?;
-    let shards = plan_shards(prompts.train.len() as u64, spec.sampling.shard_size as u64)
-        .map_err(|e| TrainError::Input(e.to_string()))?;
     let mut runner = JobRunner::open(spec.clone(), store, device)?;
+    // The runner reads the dataset once, for planning here and for encoding.
+    let train_prompts = runner.prompts()?.train.len();
+    let shards = plan_shards(train_prompts as u64, spec.sampling.shard_size as u64)
+        .map_err(|e| TrainError::Input(e.to_string()))?;
     let mut skipped_rows = 0;
     for shard in &shards {
         let (_, report) = runner.encode_shard(shard)?;
         skipped_rows += report.skipped.len();
     }
     tracing::info!(
-        train = prompts.train.len(),
+        train = train_prompts,
         shards = shards.len(),
         skipped_rows,
         "prepared data"
@@ -119,7 +119,7 @@ pub fn run_local(
         let k32 = u32::try_from(k).unwrap_or(u32::MAX);
         if spec.training.objective.self_play() {
             events(&TrainEvent::Phase(format!("sampling {k}")));
-            let total = prompts.train.len();
+            let total = train_prompts;
             let mut offset = 0;
             for shard in &shards {
                 runner.sample_shard(k32, shard.index, |done, _| {
