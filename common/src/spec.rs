@@ -377,6 +377,35 @@ pub enum SpecError {
     },
 }
 
+/// The largest submitted spec text accepted (a coordinator refuses a longer `SubmitJob`).
+pub const MAX_SUBMITTED_SPEC_BYTES: usize = 1 << 20;
+
+/// Why a submitted spec text was refused: [`JobSpec::from_submitted`]'s error. The messages
+/// name no source (the caller says which field or file the text came from).
+#[derive(Debug, thiserror::Error)]
+pub enum SubmittedSpecError {
+    /// Nothing but whitespace.
+    #[error("is empty")]
+    Empty,
+    /// Longer than [`MAX_SUBMITTED_SPEC_BYTES`]; the text is not echoed back.
+    #[error("{len} bytes is over the {max}-byte limit")]
+    TooLarge {
+        /// The text's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not TOML, or not a spec (unknown fields included).
+    #[error("job spec: {message}")]
+    Parse {
+        /// The parser's message (names the unknown field or the key).
+        message: String,
+    },
+    /// A value is out of range ([`SpecError::Invalid`]).
+    #[error(transparent)]
+    Invalid(SpecError),
+}
+
 fn invalid(field: &str, value: impl std::fmt::Display, reason: &str) -> SpecError {
     SpecError::Invalid {
         field: field.to_string(),
@@ -657,6 +686,33 @@ impl JobSpec {
         raw.validate(path.parent().unwrap_or(Path::new(".")))
     }
 
+    /// Parses and validates a submitted spec text, the one way every process reads what
+    /// `spinctl submit` sends: `spinctl` before sending, the coordinator when it accepts and
+    /// when it plans the job, the worker when it is assigned it. The text is TOML through
+    /// `config` with unknown fields refused and named, no overrides (they were applied before
+    /// submitting), then every range checked. Relative paths stay relative (workers resolve
+    /// them against their own data root).
+    pub fn from_submitted(text: &str) -> Result<Self, SubmittedSpecError> {
+        if text.len() > MAX_SUBMITTED_SPEC_BYTES {
+            return Err(SubmittedSpecError::TooLarge {
+                len: text.len(),
+                max: MAX_SUBMITTED_SPEC_BYTES,
+            });
+        }
+        if text.trim().is_empty() {
+            return Err(SubmittedSpecError::Empty);
+        }
+        let raw =
+            RawJobSpec::parse(text, Path::new("submitted spec"), &HashMap::new()).map_err(|e| {
+                match e {
+                    SpecError::Parse { message, .. } => SubmittedSpecError::Parse { message },
+                    other => SubmittedSpecError::Invalid(other),
+                }
+            })?;
+        raw.validate(Path::new(""))
+            .map_err(SubmittedSpecError::Invalid)
+    }
+
     /// Pairs per optimizer step: `batch_size` pairs in each of `gradient_accumulation`
     /// micro-batches, which the workers share out (micro-batch m goes to rank m mod world).
     /// It does not depend on the number of workers, so a job gives the same result on any.
@@ -744,6 +800,27 @@ mod tests {
         )]);
         let spec = JobSpec::load(&write("env", MINIMAL), &env).unwrap();
         assert_eq!(spec.training.batch_size, 3);
+    }
+
+    #[test]
+    fn submitted_specs_keep_relative_paths_and_name_what_is_wrong() {
+        let spec = JobSpec::from_submitted(MINIMAL).unwrap();
+        assert_eq!(spec.base_model, Path::new("base"));
+        assert_eq!(spec.train_data, vec![PathBuf::from("data")]);
+        let err = |text: &str| JobSpec::from_submitted(text).unwrap_err().to_string();
+        assert_eq!(err(" \n\t"), "is empty");
+        let huge = format!("{MINIMAL}#{}", "x".repeat(MAX_SUBMITTED_SPEC_BYTES));
+        assert!(err(&huge).ends_with("over the 1048576-byte limit"));
+        let unknown = err(&format!("{MINIMAL}[training]\nbatch_sise = 4\n"));
+        assert!(
+            unknown.starts_with("job spec: ") && unknown.contains("batch_sise"),
+            "{unknown}"
+        );
+        let range = err(&format!("{MINIMAL}[sampling]\nsteps = 0\n"));
+        assert!(
+            range.starts_with("job spec field `sampling.steps` = 0"),
+            "{range}"
+        );
     }
 
     #[test]
