@@ -29,7 +29,7 @@ use v1::worker_message::Message as Up;
 use crate::collective::grpc::{CollectiveInbox, GrpcOptions};
 use crate::collective::{Collective, RingCollective, RingConfig, Solo};
 use crate::device::parse_device;
-use crate::train::runner::{JobRunner, Metrics, StepReport};
+use crate::tasks::{JobRunner, Metrics, StepReport};
 use crate::train::TrainError;
 
 /// What a worker daemon is told (from flags or `SPIN_WORKER__*`).

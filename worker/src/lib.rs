@@ -11,6 +11,7 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod schedulers;
+pub mod tasks;
 pub mod text;
 pub mod toy_model;
 pub mod train;

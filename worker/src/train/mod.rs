@@ -5,7 +5,6 @@ pub mod data;
 pub mod grads;
 pub mod objectives;
 pub mod optim;
-pub mod runner;
 pub mod self_play;
 
 use std::path::{Path, PathBuf};
@@ -49,7 +48,7 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    fn io(path: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
             source,

@@ -10,9 +10,9 @@ use spin_common::shards::plan_shards;
 use spin_common::spec::JobSpec;
 use spin_common::store::Store;
 
-use super::runner::{store_error, JobRunner, StepReport};
 use super::TrainError;
 use crate::collective::Solo;
+use crate::tasks::{store_error, JobRunner, StepReport};
 
 /// Progress of a run, for logs and the job's event stream.
 #[derive(Clone, Debug)]
@@ -67,7 +67,7 @@ pub enum TrainEvent {
     Metrics(Metrics),
 }
 
-pub use super::runner::Metrics;
+pub use crate::tasks::Metrics;
 
 /// What a finished run produced.
 #[derive(Clone, Debug)]

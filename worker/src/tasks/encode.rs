@@ -1,0 +1,78 @@
+//! The encode tasks: a shard of training prompts, and the held-out prompts (which also
+//! evaluates the base model), read from the dataset and cached as latents in the store.
+
+use spin_common::dataset::ReadReport;
+use spin_common::shards::Shard;
+use spin_common::store::layout;
+
+use super::{store_error, JobRunner, Metrics};
+use crate::train::data::{encode_examples, examples_to_bytes};
+use crate::train::TrainError;
+
+impl JobRunner {
+    /// Encodes training prompts `shard` (positions in the job's training list) and writes
+    /// them to the store. Returns the key written and what reading skipped.
+    pub fn encode_shard(&mut self, shard: &Shard) -> Result<(String, ReadReport), TrainError> {
+        let prompts = self.prompts()?;
+        let first = usize::try_from(shard.first).unwrap_or(usize::MAX);
+        let end = usize::try_from(shard.end)
+            .unwrap_or(usize::MAX)
+            .min(prompts.train.len());
+        if first >= end {
+            return Err(TrainError::Input(format!(
+                "encode shard {} covers prompts {}..{} but the job has {} training prompts",
+                shard.index,
+                shard.first,
+                shard.end,
+                prompts.train.len()
+            )));
+        }
+        let indices = prompts.train[first..end].to_vec();
+        let positions: Vec<u64> = (shard.first..shard.first + indices.len() as u64).collect();
+        let mut report = ReadReport::default();
+        let prompts = self
+            .prompts
+            .as_ref()
+            .ok_or_else(|| TrainError::Input("job prompts not read".into()))?;
+        let examples = encode_examples(
+            &self.spec,
+            &self.pipeline,
+            prompts,
+            &indices,
+            &positions,
+            &mut report,
+            &self.device,
+        )?;
+        let key = layout::latents(shard.index);
+        let bytes = examples_to_bytes(&examples, self.latent_shape, self.context_shape)?;
+        self.store.put(&key, &bytes).map_err(store_error)?;
+        Ok((key, report))
+    }
+
+    /// Encodes the held-out prompts, writes them, and evaluates the base model on them.
+    pub fn encode_held_out(&mut self) -> Result<(String, Metrics), TrainError> {
+        let prompts = self.prompts()?;
+        let indices = prompts.held_out.clone();
+        let positions: Vec<u64> = (0..indices.len() as u64).collect();
+        let mut report = ReadReport::default();
+        let prompts = self
+            .prompts
+            .as_ref()
+            .ok_or_else(|| TrainError::Input("job prompts not read".into()))?;
+        let examples = encode_examples(
+            &self.spec,
+            &self.pipeline,
+            prompts,
+            &indices,
+            &positions,
+            &mut report,
+            &self.device,
+        )?;
+        let key = layout::held_out();
+        let bytes = examples_to_bytes(&examples, self.latent_shape, self.context_shape)?;
+        self.store.put(&key, &bytes).map_err(store_error)?;
+        self.held_out = Some(examples);
+        let metrics = self.evaluate(0)?;
+        Ok((key, metrics))
+    }
+}
