@@ -6,7 +6,7 @@ use spin_common::shards::Shard;
 use spin_common::store::layout;
 
 use super::{store_error, JobRunner, Metrics};
-use crate::train::data::{encode_examples, examples_to_bytes};
+use crate::train::data::{encode_examples, examples_to_bytes, Example};
 use crate::train::TrainError;
 
 impl JobRunner {
@@ -29,23 +29,9 @@ impl JobRunner {
         }
         let indices = prompts.train[first..end].to_vec();
         let positions: Vec<u64> = (shard.first..shard.first + indices.len() as u64).collect();
-        let mut report = ReadReport::default();
-        let prompts = self
-            .prompts
-            .as_ref()
-            .ok_or_else(|| TrainError::Input("job prompts not read".into()))?;
-        let examples = encode_examples(
-            &self.spec,
-            &self.pipeline,
-            prompts,
-            &indices,
-            &positions,
-            &mut report,
-            &self.device,
-        )?;
         let key = layout::latents(shard.index);
-        let bytes = examples_to_bytes(&examples, self.latent_shape, self.context_shape)?;
-        self.store.put(&key, &bytes).map_err(store_error)?;
+        let mut report = ReadReport::default();
+        self.encode_to(&key, &indices, &positions, &mut report)?;
         Ok((key, report))
     }
 
@@ -54,7 +40,22 @@ impl JobRunner {
         let prompts = self.prompts()?;
         let indices = prompts.held_out.clone();
         let positions: Vec<u64> = (0..indices.len() as u64).collect();
-        let mut report = ReadReport::default();
+        let key = layout::held_out();
+        let examples = self.encode_to(&key, &indices, &positions, &mut ReadReport::default())?;
+        self.held_out = Some(examples);
+        let metrics = self.evaluate(0)?;
+        Ok((key, metrics))
+    }
+
+    /// Encodes dataset rows `indices` (job positions `positions`) and writes them to `key`;
+    /// what reading skipped goes to `report`.
+    fn encode_to(
+        &self,
+        key: &str,
+        indices: &[usize],
+        positions: &[u64],
+        report: &mut ReadReport,
+    ) -> Result<Vec<Example>, TrainError> {
         let prompts = self
             .prompts
             .as_ref()
@@ -63,16 +64,13 @@ impl JobRunner {
             &self.spec,
             &self.pipeline,
             prompts,
-            &indices,
-            &positions,
-            &mut report,
+            indices,
+            positions,
+            report,
             &self.device,
         )?;
-        let key = layout::held_out();
         let bytes = examples_to_bytes(&examples, self.latent_shape, self.context_shape)?;
-        self.store.put(&key, &bytes).map_err(store_error)?;
-        self.held_out = Some(examples);
-        let metrics = self.evaluate(0)?;
-        Ok((key, metrics))
+        self.store.put(key, &bytes).map_err(store_error)?;
+        Ok(examples)
     }
 }
