@@ -120,8 +120,18 @@ pub fn encode_header(frame: &Frame) -> [u8; WIRE_HEADER_LEN] {
     out
 }
 
+/// A wire header that is not one: an unknown kind or phase byte.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad frame header (kind {kind}, phase {phase})")]
+pub struct BadHeader {
+    /// The kind byte.
+    pub kind: u8,
+    /// The phase byte.
+    pub phase: u8,
+}
+
 /// Decodes a wire header, or says what is wrong with it.
-pub fn decode_header(bytes: &[u8; WIRE_HEADER_LEN]) -> Result<WireHeader, String> {
+pub fn decode_header(bytes: &[u8; WIRE_HEADER_LEN]) -> Result<WireHeader, BadHeader> {
     let u32_at =
         |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let mut round = [0u8; 8];
@@ -145,7 +155,7 @@ pub fn decode_header(bytes: &[u8; WIRE_HEADER_LEN]) -> Result<WireHeader, String
             len,
         }),
         (KIND_ABORT, _) => Ok(WireHeader::Abort { round, len }),
-        (kind, phase) => Err(format!("bad frame header (kind {kind}, phase {phase})")),
+        (kind, phase) => Err(BadHeader { kind, phase }),
     }
 }
 

@@ -370,7 +370,7 @@ async fn read_frame(stream: &mut TcpStream, max_values: usize) -> std::io::Resul
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(error) => return Err(error),
     }
-    let frame = match decode_header(&header).map_err(invalid)? {
+    let frame = match decode_header(&header).map_err(|e| invalid(e.to_string()))? {
         WireHeader::Data { len, .. } | WireHeader::Abort { len, .. } if len > max_values => {
             return Err(invalid(format!(
                 "frame of {len} values exceeds {max_values}"

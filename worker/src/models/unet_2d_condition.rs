@@ -1,6 +1,6 @@
 //! diffusers `UNet2DConditionModel` (the Stable Diffusion 1.x/2.x denoiser): the model, its
-//! forward pass, and loading / saving in the diffusers folder layout; its config and block plan
-//! live in [`config`].
+//! forward pass, and loading / saving in the diffusers folder layout; its config lives in
+//! [`config`], the plan of down, mid and up blocks it implies in [`block_plan`].
 
 use std::path::Path;
 
@@ -17,9 +17,11 @@ use crate::error::ModelError;
 use crate::nn::{Conv2d, GroupNorm};
 use crate::weights::{load_module, save_module, WeightFile};
 
+mod block_plan;
 mod config;
 
-pub use config::{BlockKind, BlockPlan, OneOrMany, UNet2DConditionConfig, UNetPlan};
+pub use block_plan::{BlockKind, BlockPlan, UNetPlan};
+pub use config::{OneOrMany, UNet2DConditionConfig};
 /// A down block of either family (the variant is not part of the parameter path).
 #[derive(Module, Debug)]
 pub enum DownBlock {

@@ -1,270 +1,27 @@
-//! diffusers `AutoencoderKL` (the Stable Diffusion VAE): config from `vae/config.json`,
-//! `Encoder`, `Decoder`, the posterior's mean / log-variance, decoding, loading and saving.
+//! diffusers `AutoencoderKL` (the Stable Diffusion VAE): the posterior's mean / log-variance,
+//! decoding, loading (with the legacy attention names) and saving. Its config from
+//! `vae/config.json` is in [`config`], the `Encoder` in [`encoder`], the `Decoder` in
+//! [`decoder`].
 
 use std::borrow::Cow;
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
-use serde::{Deserialize, Serialize};
 
-use super::unet_2d_blocks::{BlockConfig, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
-use super::unet_2d_condition::OneOrMany;
-use super::{config_error, read_config, require_silu, write_config, CONFIG_NAME, WEIGHTS_NAME};
+use super::{write_config, CONFIG_NAME, WEIGHTS_NAME};
 use crate::error::ModelError;
-use crate::nn::{Conv2d, GroupNorm};
+use crate::nn::Conv2d;
 use crate::weights::{load_module, save_module, WeightFile};
 
-/// `vae/config.json` of a diffusers `AutoencoderKL`. Missing fields take diffusers' defaults;
-/// unknown fields are ignored. `Default` is SD-1.5's VAE.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default = "AutoencoderKLConfig::diffusers_default")]
-pub struct AutoencoderKLConfig {
-    /// Image channels in.
-    pub in_channels: usize,
-    /// Image channels out.
-    pub out_channels: usize,
-    /// `DownEncoderBlock2D` per level.
-    pub down_block_types: Vec<String>,
-    /// `UpDecoderBlock2D` per level.
-    pub up_block_types: Vec<String>,
-    /// Channels per level.
-    pub block_out_channels: Vec<usize>,
-    /// Resnets per encoder block (decoder blocks have one more).
-    pub layers_per_block: usize,
-    /// Must be `silu`.
-    pub act_fn: String,
-    /// Latent channels.
-    pub latent_channels: usize,
-    /// Group-norm groups.
-    pub norm_num_groups: usize,
-    /// Image size the model was trained on (informational).
-    pub sample_size: OneOrMany<usize>,
-    /// Latents are multiplied by this before entering the UNet.
-    pub scaling_factor: f64,
-    /// Latents are shifted by this before scaling (SD3/Flux VAEs; `None` for SD 1.x/2.x).
-    pub shift_factor: Option<f64>,
-    /// Per-channel latent means (informational).
-    pub latents_mean: Option<Vec<f64>>,
-    /// Per-channel latent standard deviations (informational).
-    pub latents_std: Option<Vec<f64>>,
-    /// diffusers runs the VAE in f32 when true (informational).
-    pub force_upcast: bool,
-    /// A 1x1 conv after the encoder.
-    pub use_quant_conv: bool,
-    /// A 1x1 conv before the decoder.
-    pub use_post_quant_conv: bool,
-    /// An attention in the encoder's and decoder's mid blocks.
-    pub mid_block_add_attention: bool,
-}
+mod config;
+mod decoder;
+mod encoder;
 
-impl Default for AutoencoderKLConfig {
-    /// Stable Diffusion 1.5's `vae/config.json`.
-    fn default() -> Self {
-        Self {
-            down_block_types: vec!["DownEncoderBlock2D".to_string(); 4],
-            up_block_types: vec!["UpDecoderBlock2D".to_string(); 4],
-            block_out_channels: vec![128, 256, 512, 512],
-            layers_per_block: 2,
-            sample_size: OneOrMany::One(512),
-            ..Self::diffusers_default()
-        }
-    }
-}
-
-impl AutoencoderKLConfig {
-    /// diffusers' `AutoencoderKL.__init__` defaults (used for fields a file omits).
-    pub fn diffusers_default() -> Self {
-        Self {
-            in_channels: 3,
-            out_channels: 3,
-            down_block_types: vec!["DownEncoderBlock2D".to_string()],
-            up_block_types: vec!["UpDecoderBlock2D".to_string()],
-            block_out_channels: vec![64],
-            layers_per_block: 1,
-            act_fn: "silu".to_string(),
-            latent_channels: 4,
-            norm_num_groups: 32,
-            sample_size: OneOrMany::One(32),
-            scaling_factor: 0.18215,
-            shift_factor: None,
-            latents_mean: None,
-            latents_std: None,
-            force_upcast: true,
-            use_quant_conv: true,
-            use_post_quant_conv: true,
-            mid_block_add_attention: true,
-        }
-    }
-
-    /// Reads and validates a diffusers `vae/config.json`.
-    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let config: Self = read_config(path)?;
-        config.validate(path)?;
-        Ok(config)
-    }
-
-    /// Checks every option is supported and consistent; errors name the option, its value and
-    /// `source` (the config file).
-    pub fn validate(&self, source: &Path) -> Result<(), ModelError> {
-        require_silu(source, "act_fn", &self.act_fn)?;
-        let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(config_error(source, "`block_out_channels` is empty"));
-        }
-        for (option, types, supported) in [
-            (
-                "down_block_types",
-                &self.down_block_types,
-                "DownEncoderBlock2D",
-            ),
-            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
-        ] {
-            if types.len() != n {
-                return Err(config_error(
-                    source,
-                    format!(
-                        "`{option}` has {} entries but `block_out_channels` has {n}",
-                        types.len()
-                    ),
-                ));
-            }
-            if let Some(other) = types.iter().find(|t| t.as_str() != supported) {
-                return Err(ModelError::unsupported(source, option, other));
-            }
-        }
-        let groups = self.norm_num_groups;
-        if let Some(c) = self
-            .block_out_channels
-            .iter()
-            .find(|&&c| groups == 0 || c % groups != 0)
-        {
-            return Err(config_error(
-                source,
-                format!("`norm_num_groups` = {groups} does not divide the {c} channels of a block"),
-            ));
-        }
-        Ok(())
-    }
-
-    fn block(&self, in_channels: usize, out_channels: usize, num_layers: usize) -> BlockConfig {
-        BlockConfig {
-            in_channels,
-            out_channels,
-            temb_channels: None,
-            num_layers,
-            groups: self.norm_num_groups,
-            eps: 1e-6,
-            output_scale_factor: 1.0,
-        }
-    }
-}
-
-/// diffusers VAE `Encoder` (`double_z`): image `[N, 3, H, W]` to posterior moments
-/// `[N, 2 * latent, H / 2^(levels-1), W / 2^(levels-1)]`.
-#[derive(Module, Debug)]
-pub struct Encoder {
-    /// `in_channels -> block_out_channels[0]`.
-    pub conv_in: Conv2d,
-    /// Down blocks (padding-0 downsamplers except the last).
-    pub down_blocks: Vec<DownEncoderBlock2D>,
-    /// Resnet, attention, resnet.
-    pub mid_block: UNetMidBlock2D,
-    /// Output group norm.
-    pub conv_norm_out: GroupNorm,
-    /// `block_out_channels[-1] -> 2 * latent_channels`.
-    pub conv_out: Conv2d,
-}
-
-impl Encoder {
-    fn new(config: &AutoencoderKLConfig, device: &Device) -> Self {
-        let channels = &config.block_out_channels;
-        let n = channels.len();
-        let last = channels[n - 1];
-        Self {
-            conv_in: Conv2d::new(config.in_channels, channels[0], 3, 1, 1, device),
-            down_blocks: (0..n)
-                .map(|i| {
-                    let in_channels = if i == 0 { channels[0] } else { channels[i - 1] };
-                    let block = config.block(in_channels, channels[i], config.layers_per_block);
-                    DownEncoderBlock2D::new(block, (i + 1 < n).then_some(0), device)
-                })
-                .collect(),
-            mid_block: UNetMidBlock2D::new(
-                config.block(last, last, 1),
-                last,
-                config.mid_block_add_attention,
-                device,
-            ),
-            conv_norm_out: GroupNorm::new(config.norm_num_groups, last, 1e-6, device),
-            conv_out: Conv2d::new(last, 2 * config.latent_channels, 3, 1, 1, device),
-        }
-    }
-
-    /// `[N, C, H, W] -> [N, 2 * latent, h, w]`.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut x = self.conv_in.forward(x);
-        for block in &self.down_blocks {
-            x = block.forward(x);
-        }
-        let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
-    }
-}
-
-/// diffusers VAE `Decoder` (group norm): latents `[N, latent, h, w]` to an image.
-#[derive(Module, Debug)]
-pub struct Decoder {
-    /// `latent_channels -> block_out_channels[-1]`.
-    pub conv_in: Conv2d,
-    /// Resnet, attention, resnet.
-    pub mid_block: UNetMidBlock2D,
-    /// Up blocks (deepest first; upsamplers except the last).
-    pub up_blocks: Vec<UpDecoderBlock2D>,
-    /// Output group norm.
-    pub conv_norm_out: GroupNorm,
-    /// `block_out_channels[0] -> out_channels`.
-    pub conv_out: Conv2d,
-}
-
-impl Decoder {
-    fn new(config: &AutoencoderKLConfig, device: &Device) -> Self {
-        let channels = &config.block_out_channels;
-        let n = channels.len();
-        let last = channels[n - 1];
-        Self {
-            conv_in: Conv2d::new(config.latent_channels, last, 3, 1, 1, device),
-            mid_block: UNetMidBlock2D::new(
-                config.block(last, last, 1),
-                last,
-                config.mid_block_add_attention,
-                device,
-            ),
-            up_blocks: (0..n)
-                .map(|i| {
-                    let prev = channels[n - i.max(1)];
-                    let out = channels[n - 1 - i];
-                    let block = config.block(prev, out, config.layers_per_block + 1);
-                    UpDecoderBlock2D::new(block, i + 1 < n, device)
-                })
-                .collect(),
-            conv_norm_out: GroupNorm::new(config.norm_num_groups, channels[0], 1e-6, device),
-            conv_out: Conv2d::new(channels[0], config.out_channels, 3, 1, 1, device),
-        }
-    }
-
-    /// `[N, latent, h, w] -> [N, out_channels, H, W]`.
-    pub fn forward(&self, z: Tensor<4>) -> Tensor<4> {
-        let x = self.conv_in.forward(z);
-        let mut x = self.mid_block.forward(x);
-        for block in &self.up_blocks {
-            x = block.forward(x);
-        }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
-    }
-}
+pub use config::AutoencoderKLConfig;
+pub use decoder::Decoder;
+pub use encoder::Encoder;
 
 /// diffusers `AutoencoderKL`; parameter paths are the diffusers state-dict keys.
 #[derive(Module, Debug)]
@@ -482,20 +239,5 @@ mod tests {
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();
         assert_eq!(count, 83_653_863);
-    }
-
-    #[test]
-    fn unsupported_block_type_names_option_and_file() {
-        let config = AutoencoderKLConfig {
-            down_block_types: vec!["AttnDownEncoderBlock2D".to_string()],
-            ..AutoencoderKLConfig::diffusers_default()
-        };
-        let message = config
-            .validate(Path::new("vae/config.json"))
-            .expect_err("unsupported")
-            .to_string();
-        assert!(message.contains("down_block_types"), "{message}");
-        assert!(message.contains("AttnDownEncoderBlock2D"), "{message}");
-        assert!(message.contains("vae/config.json"), "{message}");
     }
 }

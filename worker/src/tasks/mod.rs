@@ -7,6 +7,7 @@
 //! (`train::self_play::run_local`) calls the same ones in order with a ring of one. Everything
 //! a task writes goes to the job's object store ([`spin_common::store::layout`]).
 
+mod batch;
 mod checkpoint;
 mod encode;
 mod evaluate;
