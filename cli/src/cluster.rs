@@ -88,21 +88,23 @@ impl LocalCluster {
             }
         });
         let url = format!("http://{address}");
-        let workers = (0..options.workers)
-            .map(|i| {
-                let config = WorkerConfig {
-                    coordinator: url.clone(),
-                    ring_timeout: options.ring_timeout,
-                    ..WorkerConfig::default()
-                };
-                let signal = until_stopped(stopped.clone());
-                runtime.spawn(async move {
-                    if let Err(err) = daemon::run(config, signal).await {
-                        tracing::error!(worker = i, error = %err, "embedded worker stopped");
-                    }
-                })
-            })
-            .collect();
+        let mut workers = Vec::with_capacity(options.workers);
+        for i in 0..options.workers {
+            let config = WorkerConfig {
+                coordinator: url.clone(),
+                ring_timeout: options.ring_timeout,
+                ..WorkerConfig::default()
+            };
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .with_context(|| format!("binding worker {i}'s collective port"))?;
+            let signal = until_stopped(stopped.clone());
+            workers.push(runtime.spawn(async move {
+                if let Err(err) = daemon::run(config, listener, signal).await {
+                    tracing::error!(worker = i, error = %err, "embedded worker stopped");
+                }
+            }));
+        }
         Ok(Self {
             runtime,
             address,

@@ -1,52 +1,13 @@
-//! The spin-diffusion command line as a library: `spinctl`, `spin-coordinator` and
-//! `spin-worker` are thin binaries over these modules.
+//! The spin-diffusion command line as a library: `spinctl` is a thin binary over these
+//! modules (the daemons' binaries live in their own crates, `spin-coordinator` and
+//! `spin-worker`).
 
 pub mod client;
 pub mod cluster;
+pub mod connect;
 pub mod demo;
 pub mod logs;
 pub mod sample;
 pub mod train;
 
-/// Installs the tracing subscriber: `text` or `json` lines on stderr, filtered by `RUST_LOG`
-/// (default `info`).
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Resolves on ctrl-c or, on Unix, SIGTERM (what `kill` and container runtimes send).
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot wait for SIGTERM; ctrl-c still stops");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => {
-            if let Err(err) = result {
-                tracing::error!(error = %err, "cannot wait for ctrl-c; shutting down");
-            }
-        }
-        () = terminate => {}
-    }
-}
+pub use spin_common::process::{init_tracing, shutdown_signal};

@@ -63,7 +63,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     if args.latents.is_some() && args.num_images != 1 {
         bail!("--latents gives the noise of one image; use --num-images 1 with it");
     }
-    let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let device = parse_device(&args.device)?;
     // Refuse an output that cannot be written before sampling, not after.
     check_folder("--out", &args.out)?;
     if let Some(path) = &args.save_latents {

@@ -29,7 +29,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let env: HashMap<String, String> = std::env::vars().collect();
     let spec = JobSpec::load(&args.spec, &env)?;
-    let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let device = parse_device(&args.device)?;
     check_inputs(&spec)?;
     tracing::info!(job = %spec.name, objective = ?spec.training.objective, iterations = spec.iterations.len(), output = %spec.output.display(), "starting local run");
     let fresh_output = !spec.output.exists();

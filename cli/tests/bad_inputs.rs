@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -66,8 +68,9 @@ impl Ran {
 
 /// Runs `binary` with `args` (killed after [`TIMEOUT`]), without the caller's `SPIN_*`
 /// environment.
-fn run(binary: &str, args: &[&str]) -> Ran {
-    let mut command = Command::new(binary);
+fn run(binary: impl AsRef<Path>, args: &[&str]) -> Ran {
+    let binary = binary.as_ref().display().to_string();
+    let mut command = Command::new(&binary);
     command
         .args(args)
         .env("RUST_LOG", "warn")
@@ -293,7 +296,7 @@ fn train_with_a_missing_base_model_names_it_and_writes_nothing() {
 }
 
 fn spin_worker(args: &[&str]) -> Ran {
-    run(env!("CARGO_BIN_EXE_spin-worker"), args)
+    run(common::daemon_binary("spin-worker"), args)
 }
 
 #[test]
@@ -327,7 +330,7 @@ fn coordinator_with_an_unknown_setting_names_it() {
     )
     .unwrap();
     let ran = run(
-        env!("CARGO_BIN_EXE_spin-coordinator"),
+        common::daemon_binary("spin-coordinator"),
         &[
             "--listen",
             "127.0.0.1:0",

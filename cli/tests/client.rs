@@ -359,7 +359,7 @@ fn an_unreachable_coordinator_exits_2_naming_the_url() {
 fn the_coordinator_binary_writes_its_address_file() {
     let dir = common::temp_dir("binary");
     let address_file = dir.join("address");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spin-coordinator"))
+    let mut child = Command::new(common::daemon_binary("spin-coordinator"))
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .arg("--address-file")
         .arg(&address_file)

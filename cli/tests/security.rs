@@ -194,7 +194,7 @@ fn spinctl_reaches_a_tls_coordinator_with_its_ca_and_a_client_certificate() {
 fn spin_worker_names_a_certificate_it_cannot_read() {
     let dir = common::temp_dir("worker");
     let cert = dir.join("absent-cert.pem");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spin-worker"));
+    let mut command = Command::new(common::daemon_binary("spin-worker"));
     command.args(["--coordinator", "https://127.0.0.1:1"]);
     let cert_text = cert.display().to_string();
     let key_text = dir.join("absent.key").display().to_string();
@@ -222,7 +222,7 @@ fn a_job_runs_over_tls_with_tokens_on_a_coordinator_and_two_worker_processes() {
     let join_token = "cluster-join-token-4e";
 
     let address_file = dir.join("coordinator.addr");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spin-coordinator"));
+    let mut command = Command::new(common::daemon_binary("spin-coordinator"));
     without_spin_env(&mut command)
         .args(["--listen", "127.0.0.1:0", "--address-file"])
         .arg(&address_file)
@@ -249,7 +249,7 @@ fn a_job_runs_over_tls_with_tokens_on_a_coordinator_and_two_worker_processes() {
 
     let workers: Vec<Guard> = (0..2)
         .map(|i| {
-            let mut command = Command::new(env!("CARGO_BIN_EXE_spin-worker"));
+            let mut command = Command::new(common::daemon_binary("spin-worker"));
             without_spin_env(&mut command)
                 .args(["--coordinator", &url, "--ring-timeout-s", "30"])
                 .env("SPIN_JOIN_TOKEN", join_token)

@@ -80,25 +80,60 @@ pub fn latest_at_most(
     for (step, path) in steps {
         match check(&path, k, step) {
             Ok(state) => return (Some(Found { dir: path, state }), refused),
-            Err(reason) => refused.push((path, reason)),
+            Err(reason) => refused.push((path, reason.to_string())),
         }
     }
     (None, refused)
 }
 
-fn check(dir: &Path, k: u32, step: u64) -> Result<CheckpointState, String> {
-    manifest::verify(dir).map_err(|e| e.to_string())?;
+/// Why a checkpoint folder was passed over.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// Its manifest is missing or does not match its files.
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// Its state file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Its state file is not a checkpoint state.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// Its state names another iteration or step than its folder.
+    #[error("{} says iteration {iteration} step {step}, its folder iteration {k} step {folder_step}", path.display())]
+    Mismatch {
+        path: PathBuf,
+        iteration: u32,
+        step: u64,
+        k: u32,
+        folder_step: u64,
+    },
+}
+
+fn check(dir: &Path, k: u32, step: u64) -> Result<CheckpointState, Refusal> {
+    manifest::verify(dir)?;
     let path = dir.join(STATE);
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let state: CheckpointState =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(source) => return Err(Refusal::Read { path, source }),
+    };
+    let state: CheckpointState = match serde_json::from_str(&text) {
+        Ok(state) => state,
+        Err(source) => return Err(Refusal::Parse { path, source }),
+    };
     if state.iteration != k || state.step != step {
-        return Err(format!(
-            "{} says iteration {} step {}, its folder iteration {k} step {step}",
-            path.display(),
-            state.iteration,
-            state.step
-        ));
+        return Err(Refusal::Mismatch {
+            path,
+            iteration: state.iteration,
+            step: state.step,
+            k,
+            folder_step: step,
+        });
     }
     Ok(state)
 }

@@ -11,11 +11,13 @@ pub mod ids;
 pub mod manifest;
 pub mod metrics;
 pub mod plan;
+pub mod process;
 pub mod proto;
 pub mod seeds;
 pub mod shards;
 pub mod spec;
 pub mod store;
+pub mod task;
 #[cfg(feature = "test-pki")]
 pub mod test_pki;
 pub mod tls;

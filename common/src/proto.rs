@@ -40,6 +40,14 @@ pub enum ProtoError {
         /// Its length in bytes.
         len: usize,
     },
+    /// A field holds a value outside what the protocol allows (e.g. a rank past its world).
+    #[error("field `{field}`: {reason}")]
+    Invalid {
+        /// `message.field`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An enum field holds a value this build does not know.
     #[error("field `{field}`: unknown enum value {value}")]
     Enum {

@@ -1,12 +1,12 @@
 //! Conversions between the coordinator's core types and the `spin.v1` wire messages: phases,
-//! devices, job statuses and the task messages built from shards and rings.
+//! devices, job statuses, and the training task of a ring member.
 
 use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::{v1, ProtoError};
+use spin_common::task::TrainTask;
 
 use crate::journal::JobRecord;
 use crate::membership::{Device, Ring};
-use crate::shards::Shard;
 use crate::state::JobState;
 
 impl From<JobState> for v1::Phase {
@@ -91,27 +91,6 @@ pub fn job_status(
     }
 }
 
-/// The encode task for pairs `shard`.
-pub fn encode_task(shard: Shard) -> v1::EncodeShard {
-    v1::EncodeShard {
-        shard: shard.index,
-        first_pair: shard.first,
-        end_pair: shard.end,
-        held_out: false,
-    }
-}
-
-/// The sampling task for prompts `shard` of `iteration` under the job `seed`.
-pub fn sample_task(shard: Shard, iteration: u32, seed: u64) -> v1::SampleShard {
-    v1::SampleShard {
-        iteration,
-        shard: shard.index,
-        first_prompt: shard.first,
-        end_prompt: shard.end,
-        seed,
-    }
-}
-
 /// The name of the `attempt`-th ring `job` formed (counted over the whole job), in iteration
 /// `iteration` at membership generation `generation`: every ring formed gets a new name, so
 /// chunks of an older ring are never mixed in.
@@ -128,14 +107,14 @@ pub fn train_task(
     iteration: u32,
     first_step: u64,
     last_step: u64,
-) -> Option<v1::TrainSteps> {
-    Some(v1::TrainSteps {
+) -> Option<TrainTask> {
+    Some(TrainTask {
         iteration,
         first_step,
         last_step,
         rank: ring.rank_of(worker)?,
         world: ring.world(),
-        peer_addresses: ring.addresses(),
+        peers: ring.addresses(),
         collective_id: collective_id.to_string(),
     })
 }
@@ -145,8 +124,12 @@ pub fn train_task(
 mod tests {
     use std::time::{Duration, Instant};
 
+    use spin_common::task::{SampleTask, TaskKind};
+    use v1::task::Kind;
+
     use super::*;
     use crate::membership::Membership;
+    use crate::shards::Shard;
     use crate::state::JobShape;
 
     #[test]
@@ -191,7 +174,7 @@ mod tests {
         assert_ne!(id, collective_id(job, 1, ring.generation, 8));
         let task = train_task(&ring, &id, ids[2], 1, 0, 99).unwrap();
         assert_eq!((task.rank, task.world), (1, 2));
-        assert_eq!(task.peer_addresses, ["w1:1", "w2:1"]);
+        assert_eq!(task.peers, ["w1:1", "w2:1"]);
         assert_eq!(task.collective_id, id);
         assert!(train_task(&ring, &id, ids[0], 1, 0, 99).is_none());
     }
@@ -214,11 +197,21 @@ mod tests {
             first: 30,
             end: 40,
         };
-        let task = sample_task(shard, 1, 42);
+        let sample = SampleTask {
+            iteration: 1,
+            shard,
+            seed: 42,
+        };
+        let Kind::Sample(task) = TaskKind::Sample(sample).into() else {
+            panic!("a sample task went on the wire as another kind");
+        };
         assert_eq!(
             (task.shard, task.first_prompt, task.end_prompt, task.seed),
             (3, 30, 40, 42)
         );
-        assert_eq!(encode_task(shard).end_pair, 40);
+        let Kind::Encode(encode) = TaskKind::Encode(shard).into() else {
+            panic!("an encode task went on the wire as another kind");
+        };
+        assert_eq!(encode.end_pair, 40);
     }
 }

@@ -160,7 +160,8 @@ impl LeaseTable {
             } = slot
             {
                 if *holder == worker && *expires_at > now {
-                    *expires_at = until;
+                    // A renewal never shortens a lease (heartbeats are folded in late).
+                    *expires_at = (*expires_at).max(until);
                     renewed += 1;
                 }
             }

@@ -92,7 +92,7 @@ pub async fn serve(
         .set_serving::<ControlServiceServer<ControlApi>>()
         .await;
 
-    let ticker = tokio::spawn(tick_loop(coordinator.clone()));
+    coordinator.spawn(tick_loop(coordinator.clone()));
     let stopping = coordinator.clone();
     let signal = async move {
         shutdown.await;
@@ -134,7 +134,10 @@ pub async fn serve(
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await;
-    ticker.abort();
+    // Sessions, watch feeds and the tick stop on the root token; wait for them.
+    if !coordinator.stopped(std::time::Duration::from_secs(5)).await {
+        tracing::warn!("some coordinator tasks did not stop within 5 s");
+    }
     served.map_err(Into::into)
 }
 

@@ -53,7 +53,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    spin_cli::init_tracing(&args.log_format);
+    spin_common::process::init_tracing(&args.log_format);
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -87,7 +87,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let address = listener.local_addr().context("reading the bound address")?;
         write_atomically(path, &format!("{address}\n"))?;
     }
-    let served = spin_coordinator::serve(coordinator, listener, spin_cli::shutdown_signal()).await;
+    let served = spin_coordinator::serve(
+        coordinator,
+        listener,
+        spin_common::process::shutdown_signal(),
+    )
+    .await;
     if let Some(path) = &args.address_file {
         // A stale file would send the next reader to a dead port.
         let _ = std::fs::remove_file(path);

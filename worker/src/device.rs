@@ -15,9 +15,25 @@ pub fn available_devices() -> Vec<&'static str> {
     names
 }
 
+/// Why a device name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// Not a device this build has.
+    #[error("unknown device {name:?}; this build has: {}", available.join(", "))]
+    Unknown {
+        /// The name given.
+        name: String,
+        /// The devices this build has.
+        available: Vec<&'static str>,
+    },
+    /// `cuda:N` with an `N` that is not an index.
+    #[error("bad cuda device index in {0:?}")]
+    BadIndex(String),
+}
+
 /// The device called `name` (`flex`, `wgpu`, `cuda` or `cuda:N`), or an error listing the
 /// devices this build has.
-pub fn parse_device(name: &str) -> Result<Device, String> {
+pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
     match name {
         "flex" | "cpu" => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
@@ -28,16 +44,16 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
                 .strip_prefix("cuda:")
                 .map(|i| {
                     i.parse::<usize>()
-                        .map_err(|_| format!("bad cuda device index in {other:?}"))
+                        .map_err(|_| DeviceError::BadIndex(other.to_string()))
                 })
                 .transpose()?
                 .unwrap_or(0);
             Ok(Device::cuda(index))
         }
-        other => Err(format!(
-            "unknown device {other:?}; this build has: {}",
-            available_devices().join(", ")
-        )),
+        other => Err(DeviceError::Unknown {
+            name: other.to_string(),
+            available: available_devices(),
+        }),
     }
 }
 
@@ -47,7 +63,7 @@ mod tests {
 
     #[test]
     fn unknown_device_lists_the_known_ones() {
-        let err = parse_device("tpu").expect_err("no tpu");
+        let err = parse_device("tpu").expect_err("no tpu").to_string();
         assert!(err.contains("tpu") && err.contains("flex"), "{err}");
         assert!(parse_device("flex").is_ok());
     }

@@ -63,10 +63,19 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    spin_cli::init_tracing(&args.log_format);
+    spin_common::process::init_tracing(&args.log_format);
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!(
+                "error: binding the collective service on {} (--listen): {err}",
+                args.listen
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
     let config = WorkerConfig {
         coordinator: args.coordinator,
-        collective_listen: args.listen,
         advertise: args.advertise,
         device: args.device,
         join_token: args.join_token,
@@ -76,7 +85,7 @@ async fn main() -> std::process::ExitCode {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
     };
-    match daemon::run(config, spin_cli::shutdown_signal()).await {
+    match daemon::run(config, listener, spin_common::process::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

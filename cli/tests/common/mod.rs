@@ -8,6 +8,21 @@ pub mod server;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// The daemon binary `name` (`spin-coordinator`, `spin-worker`): each is built by its own
+/// crate into the same folder as `spinctl`, so `cargo test --workspace` builds it; a test run
+/// of this crate alone says how to get it.
+pub fn daemon_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_spinctl"))
+        .with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: the daemons are built by their own crates; run `cargo test --workspace` \
+         or `cargo build --bins` first",
+        path.display()
+    );
+    path
+}
+
 /// A fresh folder for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("spin-cli-{}-{name}", std::process::id()));

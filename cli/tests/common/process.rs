@@ -71,7 +71,7 @@ fn log_file(dir: &Path, name: &str) -> std::fs::File {
 pub fn coordinator(dir: &Path, listen: &str, min_workers: usize) -> (Guard, String) {
     let address_file = dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&address_file);
-    let child = Command::new(env!("CARGO_BIN_EXE_spin-coordinator"))
+    let child = Command::new(super::daemon_binary("spin-coordinator"))
         .args(["--listen", listen, "--address-file"])
         .arg(&address_file)
         .arg("--journal")
@@ -94,7 +94,7 @@ pub fn coordinator(dir: &Path, listen: &str, min_workers: usize) -> (Guard, Stri
 /// Starts a `spin-worker` for the coordinator at `url`, logging to `dir/log`.
 pub fn worker(url: &str, dir: &Path, log: &str, ring_timeout_s: u64) -> Guard {
     Guard(
-        Command::new(env!("CARGO_BIN_EXE_spin-worker"))
+        Command::new(super::daemon_binary("spin-worker"))
             .arg("--coordinator")
             .arg(url)
             .args(["--ring-timeout-s", &ring_timeout_s.to_string()])

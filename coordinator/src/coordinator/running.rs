@@ -7,9 +7,12 @@ use std::time::Instant;
 
 use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::v1;
+use spin_common::task::Task;
+use tokio::sync::mpsc::error::TrySendError;
 use v1::coordinator_message::Message as Down;
 use v1::job_event::Event;
 
+use super::jobs::PrepareError;
 use super::{now_ms, Active, State};
 use crate::dispatch::resume::Found;
 use crate::dispatch::{Action, JobRun};
@@ -18,10 +21,33 @@ use crate::journal::JobRecord;
 use crate::membership::Member;
 use crate::state::{JobState, Trigger};
 
+/// Why a worker cannot be given its job or its task (it is then forgotten).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Stuck {
+    /// It has no session on the running job.
+    #[error("no open session for its task")]
+    NoSession,
+    /// Its session's channel is full or closed.
+    #[error("session channel refused {what}: {why}")]
+    Refused {
+        /// What was being sent.
+        what: &'static str,
+        /// "full" or "closed".
+        why: &'static str,
+    },
+}
+
+fn refusal<T>(e: &TrySendError<T>) -> &'static str {
+    match e {
+        TrySendError::Full(_) => "no available capacity",
+        TrySendError::Closed(_) => "channel closed",
+    }
+}
+
 impl State {
     /// Sends `worker` the running job (if any) and marks it assigned; `Err` names why the
     /// worker is stuck.
-    pub(super) fn assign(&mut self, worker: WorkerId) -> Result<(), String> {
+    pub(super) fn assign(&mut self, worker: WorkerId) -> Result<(), Stuck> {
         let Some(active) = &self.active else {
             return Ok(());
         };
@@ -36,10 +62,10 @@ impl State {
                 store_prefix: active.run.job_dir().display().to_string(),
             })),
         };
-        session
-            .tx
-            .try_send(message)
-            .map_err(|e| format!("session channel refused the job assignment: {e}"))?;
+        session.tx.try_send(message).map_err(|e| Stuck::Refused {
+            what: "the job assignment",
+            why: refusal(&e),
+        })?;
         session.job = Some(job);
         Ok(())
     }
@@ -60,13 +86,14 @@ impl State {
     pub(super) fn start(
         &mut self,
         job: &JobRecord,
-        prepared: Result<JobRun, String>,
+        prepared: Result<JobRun, PrepareError>,
         now: Instant,
     ) -> Result<(), ServiceError> {
         let to = self.apply(job, Trigger::Start)?.to;
         let run = match prepared {
             Ok(run) => run,
-            Err(reason) => {
+            Err(err) => {
+                let reason = err.to_string();
                 tracing::warn!(job = %job.id, %reason, "job cannot run");
                 self.apply_to(job.id, Trigger::Fail { reason })?;
                 return Ok(());
@@ -86,7 +113,7 @@ impl State {
     pub(super) fn resume(
         &mut self,
         job: &JobRecord,
-        prepared: Result<JobRun, String>,
+        prepared: Result<JobRun, PrepareError>,
         found: Found,
         now: Instant,
     ) -> Result<(), ServiceError> {
@@ -122,7 +149,7 @@ impl State {
         let mut actions = Vec::new();
         for worker in workers {
             if let Err(reason) = self.assign(worker) {
-                actions.extend(self.forget(worker, &reason));
+                actions.extend(self.forget(worker, &reason.to_string()));
             }
         }
         actions
@@ -150,7 +177,7 @@ impl State {
                 match action {
                     Action::Send { worker, task } => {
                         if let Err(reason) = self.send_task(worker, job, task) {
-                            queue.extend(self.forget(worker, &reason));
+                            queue.extend(self.forget(worker, &reason.to_string()));
                         }
                     }
                     Action::Event(event) => {
@@ -191,18 +218,21 @@ impl State {
         &mut self,
         worker: WorkerId,
         job: JobId,
-        task: v1::Task,
-    ) -> Result<(), String> {
+        task: Task,
+    ) -> Result<(), Stuck> {
         let Some(session) = self.sessions.get(&worker).filter(|s| s.job == Some(job)) else {
-            return Err("no open session for its task".into());
+            return Err(Stuck::NoSession);
         };
-        tracing::debug!(job = %job, worker = %worker, task = %task.task_id, "task sent");
+        tracing::debug!(job = %job, worker = %worker, task = %task.id, "task sent");
         session
             .tx
             .try_send(v1::CoordinatorMessage {
-                message: Some(Down::Task(task)),
+                message: Some(Down::Task(task.into())),
             })
-            .map_err(|e| format!("session channel refused a task: {e}"))
+            .map_err(|e| Stuck::Refused {
+                what: "a task",
+                why: refusal(&e),
+            })
     }
 
     /// Forgets `worker` and carries out what that changes for the running job.
@@ -215,6 +245,7 @@ impl State {
     /// its task and reopens its leases. Returns the dispatcher's actions.
     pub(super) fn forget(&mut self, worker: WorkerId, reason: &str) -> Vec<Action> {
         self.sessions.remove(&worker);
+        self.liveness().forget(worker);
         let _ = self.membership.remove(worker);
         tracing::warn!(worker = %worker, reason, "worker lost");
         let world = self.world();

@@ -28,6 +28,7 @@ use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::v1;
 use spin_common::shards::{plan_shards, PlanError, Shard};
 use spin_common::spec::JobSpec;
+use spin_common::task::{Task, TaskKind};
 use v1::job_event::Event;
 
 use crate::membership::Member;
@@ -48,7 +49,7 @@ pub enum Action {
         /// The worker.
         worker: WorkerId,
         /// The task; the worker answers it with exactly one `TaskResult`.
-        task: v1::Task,
+        task: Task,
     },
     /// Push `event` to the job's event log.
     Event(Event),
@@ -133,16 +134,16 @@ impl Tasks {
     }
 
     /// A task of `kind` for `worker`, remembered as its task in flight.
-    fn issue(&mut self, worker: WorkerId, work: Work, label: &str, kind: v1::task::Kind) -> Action {
+    fn issue(&mut self, worker: WorkerId, work: Work, label: &str, kind: TaskKind) -> Action {
         self.sent += 1;
         let task_id = format!("{}/{label}/{}", self.job, self.sent);
         self.in_flight.insert(worker, (task_id.clone(), work));
         Action::Send {
             worker,
-            task: v1::Task {
-                task_id,
-                job_id: self.job.to_string(),
-                kind: Some(kind),
+            task: Task {
+                id: task_id,
+                job: self.job,
+                kind,
             },
         }
     }

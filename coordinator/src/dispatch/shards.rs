@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use spin_common::ids::WorkerId;
 use spin_common::proto::v1;
+use spin_common::task::{SampleTask, TaskKind};
 use v1::job_event::Event;
 use v1::task_result::Outcome;
 
 use super::{fail, failure, warning, Action, Plan, Tasks, Work, MAX_ATTEMPTS};
-use crate::convert::{encode_task, sample_task};
 use crate::lease::{Completion, LeaseTable};
 use crate::membership::Member;
 use crate::state::{JobState, Trigger};
@@ -96,25 +96,20 @@ impl ShardPhase {
     }
 
     /// The task of `shard` and its label in task ids.
-    fn task(&self, shard: u32, plan: &Plan) -> Option<(String, v1::task::Kind)> {
+    fn task(&self, shard: u32, plan: &Plan) -> Option<(String, TaskKind)> {
         if let JobState::Sampling(k) = self.state {
-            let s = plan.shards.get(shard as usize)?;
-            let task = sample_task(*s, k, plan.seed);
-            return Some((format!("sample-{k}-{shard}"), v1::task::Kind::Sample(task)));
+            let task = SampleTask {
+                iteration: k,
+                shard: *plan.shards.get(shard as usize)?,
+                seed: plan.seed,
+            };
+            return Some((format!("sample-{k}-{shard}"), TaskKind::Sample(task)));
         }
         match plan.shards.get(shard as usize) {
-            Some(s) => Some((
-                format!("encode-{shard}"),
-                v1::task::Kind::Encode(encode_task(*s)),
-            )),
+            Some(s) => Some((format!("encode-{shard}"), TaskKind::Encode(*s))),
             None if plan.held_out && shard == plan.train_shards() => Some((
                 "encode-held-out".to_string(),
-                v1::task::Kind::Encode(v1::EncodeShard {
-                    shard,
-                    first_pair: 0,
-                    end_pair: 0,
-                    held_out: true,
-                }),
+                TaskKind::EncodeHeldOut { shard },
             )),
             None => None,
         }

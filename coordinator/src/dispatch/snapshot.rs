@@ -6,6 +6,7 @@
 use spin_common::ids::WorkerId;
 use spin_common::proto::v1;
 use spin_common::store::layout;
+use spin_common::task::TaskKind;
 use v1::job_event::Event;
 use v1::task_result::Outcome;
 
@@ -86,7 +87,7 @@ impl SnapshotPhase {
             writer,
             Work::Snapshot { iteration: k },
             &format!("snapshot-{k}"),
-            v1::task::Kind::Snapshot(v1::Snapshot { iteration: k }),
+            TaskKind::Snapshot { iteration: k },
         ));
         actions
     }

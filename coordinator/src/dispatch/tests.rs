@@ -49,7 +49,7 @@ fn sends(actions: &[Action]) -> Vec<(WorkerId, v1::Task)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send { worker, task } => Some((*worker, task.clone())),
+            Action::Send { worker, task } => Some((*worker, v1::Task::from(task.clone()))),
             _ => None,
         })
         .collect()

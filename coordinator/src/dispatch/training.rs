@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 
 use spin_common::ids::WorkerId;
 use spin_common::proto::v1;
+use spin_common::task::TaskKind;
 use v1::task_result::Outcome;
 
 use super::resume::TrainingPoint;
@@ -247,7 +248,7 @@ impl Training {
                 member.worker,
                 Work::Train { ring: ordinal },
                 &label,
-                v1::task::Kind::Train(task),
+                TaskKind::Train(task),
             ));
         }
         tracing::info!(job = %tasks.job, iteration = self.iteration, collective = %id, world = ring.world(), first_step = first, "ring formed");

@@ -128,7 +128,7 @@ impl v1::control_service_server::ControlService for ControlApi {
         let session = blocking(move || c.open_session(worker, Instant::now())).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(self.coordinator.config().session_buffer);
         let coordinator = self.coordinator.clone();
-        tokio::spawn(async move {
+        self.coordinator.spawn(async move {
             let mut outbound = session.outbound;
             let closing = coordinator.closed();
             tokio::pin!(closing);

@@ -1,11 +1,8 @@
 //! `JobService`: submit, get, list, cancel and watch jobs, for `spinctl`.
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use spin_common::ids::JobId;
 use spin_common::proto::{parse_id, v1};
-use spin_common::spec::{JobSpec, RawJobSpec, SpecError};
+use spin_common::spec::{JobSpec, MAX_SUBMITTED_SPEC_BYTES};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -16,33 +13,17 @@ use crate::error::ServiceError;
 use crate::events::is_final;
 
 /// The largest spec text accepted.
-pub const MAX_SPEC_BYTES: usize = 1 << 20;
+pub const MAX_SPEC_BYTES: usize = MAX_SUBMITTED_SPEC_BYTES;
 
 const SPEC_FIELD: &str = "SubmitJobRequest.spec_toml";
 
-/// Parses and validates a submitted spec the way `JobSpec::load` does a file: TOML through
-/// `config`, unknown fields refused and named, then every range checked. Relative paths stay
-/// relative (workers resolve them against their own data root).
+/// A submitted spec through [`JobSpec::from_submitted`] (the one parse every process shares),
+/// its refusal as an invalid `SubmitJobRequest.spec_toml`.
 pub fn parse_spec(text: &str) -> Result<JobSpec, ServiceError> {
-    let invalid = |reason: String| ServiceError::InvalidArgument {
+    JobSpec::from_submitted(text).map_err(|e| ServiceError::InvalidArgument {
         field: SPEC_FIELD,
-        reason,
-    };
-    if text.len() > MAX_SPEC_BYTES {
-        return Err(invalid(format!(
-            "{} bytes is over the {MAX_SPEC_BYTES}-byte limit",
-            text.len()
-        )));
-    }
-    non_empty(SPEC_FIELD, text)?;
-    let raw = RawJobSpec::parse(text, Path::new(SPEC_FIELD), &HashMap::new()).map_err(|e| {
-        invalid(match e {
-            SpecError::Parse { message, .. } => format!("job spec: {message}"),
-            other => other.to_string(),
-        })
-    })?;
-    raw.validate(Path::new(""))
-        .map_err(|e| invalid(e.to_string()))
+        reason: e.to_string(),
+    })
 }
 
 fn job_id(field: &'static str, value: &str) -> Result<JobId, ServiceError> {
@@ -72,7 +53,7 @@ impl v1::job_service_server::JobService for JobApi {
         let text = request.into_inner().spec_toml;
         let spec = parse_spec(&text)?;
         let c = self.coordinator.clone();
-        let id = blocking(move || c.submit(&spec, text)).await?;
+        let id = blocking(move || c.submit(spec, text)).await?;
         Ok(Response::new(v1::SubmitJobResponse {
             job_id: id.to_string(),
         }))
@@ -124,7 +105,7 @@ impl v1::job_service_server::JobService for JobApi {
             next: request.from_sequence,
             tx,
         };
-        tokio::spawn(feed.run(watch.backlog, watch.live));
+        self.coordinator.spawn(feed.run(watch.backlog, watch.live));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -202,6 +183,8 @@ impl Feed {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     const MINIMAL: &str =

@@ -40,6 +40,17 @@ impl std::fmt::Debug for ClipTokenizer {
     }
 }
 
+/// Why the tokenizer could not be built from `vocab.json` and `merges.txt`.
+#[derive(Debug, thiserror::Error)]
+enum BuildError {
+    /// The files do not make a BPE model.
+    #[error("vocab.json / merges.txt: {0}")]
+    Bpe(tokenizers::Error),
+    /// A normalizer or split pattern did not compile.
+    #[error("{0}")]
+    Pattern(tokenizers::Error),
+}
+
 impl ClipTokenizer {
     /// Loads a diffusers `tokenizer/` folder: `tokenizer.json`, or `vocab.json` + `merges.txt`;
     /// the pad token and length come from `tokenizer_config.json` / `special_tokens_map.json`.
@@ -58,7 +69,7 @@ impl ClipTokenizer {
                     return Err(ModelError::MissingFile { path: file.clone() });
                 }
             }
-            Self::from_vocab_and_merges(&vocab, &merges).map_err(error)?
+            Self::from_vocab_and_merges(&vocab, &merges).map_err(|e| error(e.to_string()))?
         };
         // Special tokens and padding are applied here, the same way for both sources.
         inner.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
@@ -82,18 +93,19 @@ impl ClipTokenizer {
         })
     }
 
-    fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer, String> {
+    /// The CLIP pipeline (normalizer, pre-tokenizer, BPE) over `vocab.json` and `merges.txt`.
+    fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer, BuildError> {
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .end_of_word_suffix("</w>".to_string())
             .unk_token(END_TOKEN.to_string())
             .build()
-            .map_err(|e| format!("vocab.json / merges.txt: {e}"))?;
+            .map_err(BuildError::Bpe)?;
         let mut tokenizer = Tokenizer::new(bpe);
         let whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
             " ",
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(BuildError::Pattern)?;
         tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
             NFC.into(),
             whitespace.into(),
@@ -104,7 +116,7 @@ impl ClipTokenizer {
             SplitDelimiterBehavior::Removed,
             true,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(BuildError::Pattern)?;
         let byte_level = ByteLevel::default()
             .add_prefix_space(false)
             .use_regex(false);
