@@ -75,7 +75,7 @@ pub fn latest_at_most(
                 .collect()
         })
         .unwrap_or_default();
-    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     let mut refused = Vec::new();
     for (step, path) in steps {
         match check(&path, k, step) {

@@ -22,7 +22,7 @@ use crate::train::TrainError;
 /// What the session side asks of the compute thread.
 pub(super) enum Command {
     /// Load this job (its spec already parsed); its tasks follow.
-    Assign(Assignment),
+    Assign(Box<Assignment>),
     /// Run a task of the loaded job.
     Task(Task),
     /// The coordinator cancelled this job's tasks: drop it.
@@ -90,7 +90,7 @@ pub(super) fn compute_loop(mut commands: mpsc::Receiver<Command>, links: Compute
             Command::Assign(assign) => {
                 let started = Instant::now();
                 let job = assign.job;
-                let runner = load_job(assign, &links.device);
+                let runner = load_job(*assign, &links.device);
                 match &runner {
                     Ok(_) => {
                         tracing::info!(job = %job, secs = started.elapsed().as_secs_f64(), "job loaded")

@@ -208,7 +208,7 @@ pub async fn run(
                                         spec: JobSpec::from_submitted(&assign.spec_toml),
                                         store_prefix: assign.store_prefix,
                                     };
-                                    let _ = commands.send(Command::Assign(assignment)).await;
+                                    let _ = commands.send(Command::Assign(Box::new(assignment))).await;
                                 }
                                 Err(e) => break Some(format!("the coordinator sent {e}")),
                             }

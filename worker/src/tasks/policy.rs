@@ -11,7 +11,7 @@ pub const CHECKPOINTS_KEPT: usize = 2;
 /// Whether a checkpoint is written after `step` (from 0) of an iteration of `steps` steps:
 /// every `every` steps (0: never), and always after the last step.
 pub fn checkpoint_due(step: u64, steps: u64, every: u64) -> bool {
-    step + 1 == steps || (every > 0 && (step + 1) % every == 0)
+    step + 1 == steps || (every > 0 && (step + 1).is_multiple_of(every))
 }
 
 /// The step number in a checkpoint folder's name (`step-00000012`), if it is one.
