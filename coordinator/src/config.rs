@@ -17,7 +17,9 @@ pub struct CoordinatorConfig {
     /// A worker silent for longer than this is lost.
     #[serde(rename = "heartbeat_timeout_ms", with = "millis")]
     pub heartbeat_timeout: Duration,
-    /// How long a shard lease lasts from its grant or last renewal.
+    /// A shard task's deadline: how long it may go without reporting progress (from its grant
+    /// or its last progress report) before the shard is handed to another worker and its
+    /// worker is dropped. Heartbeats do not extend it.
     #[serde(rename = "lease_duration_ms", with = "millis")]
     pub lease_duration: Duration,
     /// How often the coordinator sweeps lost workers and expired leases.

@@ -342,3 +342,35 @@ async fn cancelling_a_running_job_cancels_its_tasks() {
     );
     sandbox.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_registered_worker_that_never_works_is_dropped_after_one_task_deadline() {
+    // Heartbeats keep it a member but do not extend its shard's deadline.
+    let deadline = Duration::from_millis(600);
+    let sandbox = Sandbox::start_with("rogue", 2, |c| c.lease_duration = deadline).await;
+    let rogue = Fake::join(&sandbox, "rogue", Arc::new(|_| Reply::Hang)).await;
+    let honest = Fake::join(&sandbox, "honest", always_ok()).await;
+    let mut jobs = sandbox.jobs().await;
+    let id = submit(&mut jobs, &sandbox.spec("sft", &[2])).await;
+    let events = events_until_end(&mut jobs, &id).await;
+    assert!(matches!(events.last(), Some(Event::Done(_))), "{events:?}");
+    assert!(!rogue.tasks().is_empty(), "the rogue was given a shard");
+    let lost: Vec<&v1::WorkerLost> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::WorkerLost(l) if l.worker_id == rogue.id => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost.len(), 1, "{events:?}");
+    assert!(
+        lost[0].reason.contains("task deadline") && lost[0].reason.contains("shard"),
+        "{}",
+        lost[0].reason
+    );
+    assert!(
+        honest.tasks().len() > rogue.tasks().len(),
+        "the honest worker did the rogue's shard"
+    );
+    sandbox.shutdown().await;
+}

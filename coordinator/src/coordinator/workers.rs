@@ -19,11 +19,13 @@ use super::{now_ms, Coordinator, Session, SessionHandle, State};
 use crate::error::ServiceError;
 use crate::membership::{Device, Member};
 
-/// The open sessions' numbers and the latest heartbeat of each worker since the last tick.
+/// The open sessions' numbers, and the latest heartbeat and the latest task progress of each
+/// worker since the last tick.
 #[derive(Debug, Default)]
 pub(super) struct Liveness {
     sessions: HashMap<WorkerId, u64>,
     beats: HashMap<WorkerId, Instant>,
+    progress: HashMap<WorkerId, Instant>,
 }
 
 impl Liveness {
@@ -36,12 +38,28 @@ impl Liveness {
     pub(super) fn forget(&mut self, worker: WorkerId) {
         self.sessions.remove(&worker);
         self.beats.remove(&worker);
+        self.progress.remove(&worker);
     }
 
     /// No worker has a session.
     pub(super) fn clear(&mut self) {
         self.sessions.clear();
         self.beats.clear();
+        self.progress.clear();
+    }
+
+    /// Records that `worker`'s session `session` showed progress on its task at `now` (a
+    /// progress report or a step): it counts as a heartbeat too.
+    pub(super) fn progressed(
+        &mut self,
+        worker: WorkerId,
+        session: u64,
+        now: Instant,
+    ) -> Result<(), ServiceError> {
+        self.beat(worker, session, now)?;
+        let last = self.progress.entry(worker).or_insert(now);
+        *last = (*last).max(now);
+        Ok(())
     }
 
     /// Records a heartbeat of `worker`'s session `session` at `now`; refused, as the state
@@ -65,21 +83,25 @@ impl Liveness {
         }
     }
 
-    /// The heartbeats recorded since the last call.
-    fn take_beats(&mut self) -> HashMap<WorkerId, Instant> {
-        std::mem::take(&mut self.beats)
+    /// The heartbeats and the progress recorded since the last call.
+    fn take(&mut self) -> (HashMap<WorkerId, Instant>, HashMap<WorkerId, Instant>) {
+        (
+            std::mem::take(&mut self.beats),
+            std::mem::take(&mut self.progress),
+        )
     }
 }
 
 impl State {
-    /// Folds the heartbeats recorded since the last tick into membership and the running
-    /// job's leases, each at the time it was received.
+    /// Folds what was recorded since the last tick into membership (heartbeats keep a worker
+    /// a member) and the running job's leases (only progress renews a shard's lease: its
+    /// deadline), each at the time it was received.
     fn absorb_heartbeats(&mut self) {
-        let beats = self.liveness().take_beats();
+        let (beats, progress) = self.liveness().take();
         for (worker, at) in beats {
-            if self.membership.heartbeat(worker, at).is_err() {
-                continue;
-            }
+            let _ = self.membership.heartbeat(worker, at);
+        }
+        for (worker, at) in progress {
             if let Some(active) = &mut self.active {
                 active.run.renew(worker, at);
             }
@@ -165,6 +187,22 @@ impl Coordinator {
             .beat(worker, session, now)
     }
 
+    /// Records that `worker`'s session `session` made progress on its task at `now` (a
+    /// progress report or a step): a heartbeat that also renews its shard's lease. Like a
+    /// heartbeat, it never takes the state lock.
+    pub fn progress(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        now: Instant,
+    ) -> Result<(), ServiceError> {
+        self.shared
+            .liveness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .progressed(worker, session, now)
+    }
+
     /// Records step metrics reported by `worker` for its assigned job. Called on the async
     /// runtime: the step event is stored and published from the blocking pool.
     pub fn report_step(
@@ -246,11 +284,22 @@ impl Coordinator {
             for member in state.membership.sweep(now) {
                 state.lose(member.id, "missed heartbeats", now);
             }
-            if let Some(active) = &mut state.active {
-                let job = active.run.job();
-                for (shard, worker) in active.run.expire(now) {
-                    tracing::warn!(job = %job, shard, worker = %worker, "lease expired; shard reopened");
-                }
+            let expired = match &mut state.active {
+                Some(active) => active.run.expire(now),
+                None => Vec::new(),
+            };
+            let deadline = self.shared.config.lease_duration;
+            for (shard, worker) in expired {
+                // A worker that shows no progress within the deadline is silent or stuck
+                // (heartbeats alone do not count): its shard goes to another worker and it is
+                // dropped, so its task in flight holds nothing back. A real worker registers
+                // again as a new one.
+                let reason = format!(
+                    "no progress on shard {shard} within its {deadline:?} task deadline; the \
+                     shard was handed back"
+                );
+                tracing::warn!(shard, worker = %worker, %reason, "task deadline missed");
+                state.lose(worker, &reason, now);
             }
             state.drive(Vec::new(), now);
         }
@@ -283,8 +332,22 @@ mod tests {
         live.open(w, 2);
         let err = live.beat(w, 1, t0).unwrap_err().to_string();
         assert!(err.contains("newer session"), "{err}");
-        assert_eq!(live.take_beats()[&w], t0 + Duration::from_secs(2));
-        assert!(live.take_beats().is_empty(), "taken once");
+        let (beats, progress) = live.take();
+        assert_eq!(beats[&w], t0 + Duration::from_secs(2));
+        assert!(progress.is_empty(), "a heartbeat is not progress");
+        assert!(live.take().0.is_empty(), "taken once");
+        live.progressed(w, 2, t0 + Duration::from_secs(3)).unwrap();
+        let (beats, progress) = live.take();
+        assert_eq!(
+            beats[&w],
+            t0 + Duration::from_secs(3),
+            "progress is a heartbeat too"
+        );
+        assert_eq!(progress[&w], t0 + Duration::from_secs(3));
+        assert!(
+            live.progressed(w, 1, t0).is_err(),
+            "not from a replaced session"
+        );
         live.forget(w);
         assert!(live.beat(w, 2, t0).is_err());
     }

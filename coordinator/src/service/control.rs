@@ -185,12 +185,12 @@ async fn handle(
     match message.message {
         Some(Message::Heartbeat(_)) => coordinator.heartbeat(worker, session, Instant::now()),
         Some(Message::Step(metrics)) => {
-            coordinator.heartbeat(worker, session, Instant::now())?;
+            coordinator.progress(worker, session, Instant::now())?;
             coordinator.report_step(worker, session, metrics)
         }
         Some(Message::Progress(p)) => {
             tracing::debug!(worker = %worker, task = %p.task_id, done = p.done, total = p.total, "task progress");
-            coordinator.heartbeat(worker, session, Instant::now())
+            coordinator.progress(worker, session, Instant::now())
         }
         Some(Message::Result(result)) => {
             tracing::debug!(worker = %worker, task = %result.task_id, "task result");

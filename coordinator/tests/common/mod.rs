@@ -53,6 +53,15 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub async fn start(name: &str, min_workers: usize) -> Self {
+        Self::start_with(name, min_workers, |_| {}).await
+    }
+
+    /// [`Sandbox::start`] with `configure` applied to the settings first.
+    pub async fn start_with(
+        name: &str,
+        min_workers: usize,
+        configure: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "spin-dispatch-it-{}-{name}-{}",
             std::process::id(),
@@ -63,16 +72,16 @@ impl Sandbox {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         spin_common::toy::write_toy_dataset(dir.join("data"), 40, 3).unwrap();
-        let config = CoordinatorConfig {
+        let mut config = CoordinatorConfig {
             journal_path: dir.join("journal.redb"),
             store: dir.join("store").display().to_string(),
             heartbeat_timeout: Duration::from_millis(1500),
             tick_interval: Duration::from_millis(20),
             min_workers,
             ..CoordinatorConfig::default()
-        }
-        .validate()
-        .unwrap();
+        };
+        configure(&mut config);
+        let config = config.validate().unwrap();
         let mut sandbox = Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,

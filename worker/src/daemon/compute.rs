@@ -190,11 +190,22 @@ fn run_task(
     let train_error = |e: TrainError| failed(e.to_string(), retryable(&e), 0);
     let root = runner.store().root().to_path_buf();
     let written = |key: String| vec![root.join(key).display().to_string()];
+    // Progress is what keeps a shard task's lease: the coordinator takes back a shard that
+    // reports none within its deadline (heartbeats do not extend it).
+    let progress = |done: usize, total: usize| {
+        send(Up::Progress(v1::TaskProgress {
+            task_id: task.id.clone(),
+            done: done as u64,
+            total: total as u64,
+        }));
+    };
     let span = tracing::info_span!("task", job = %task.job, task = %task.id);
     let _entered = span.enter();
+    // The task starts now (the job may have taken a while to load): that is progress too.
+    progress(0, 0);
     match &task.kind {
         TaskKind::EncodeHeldOut { .. } => {
-            let (key, metrics) = runner.encode_held_out().map_err(train_error)?;
+            let (key, metrics) = runner.encode_held_out(progress).map_err(train_error)?;
             tracing::info!(
                 held_out_loss = metrics.held_out_loss,
                 mmd = metrics.mmd,
@@ -203,7 +214,7 @@ fn run_task(
             Ok(succeeded(written(key), vec![eval_metrics(&metrics)], 0))
         }
         TaskKind::Encode(shard) => {
-            let (key, report) = runner.encode_shard(shard).map_err(train_error)?;
+            let (key, report) = runner.encode_shard(shard, progress).map_err(train_error)?;
             for (row, reason) in report.skipped.iter().take(5) {
                 tracing::warn!(row = %row, %reason, "row skipped");
             }
@@ -215,13 +226,6 @@ fn run_task(
             Ok(succeeded(written(key), Vec::new(), 0))
         }
         TaskKind::Sample(s) => {
-            let progress = |done: usize, total: usize| {
-                send(Up::Progress(v1::TaskProgress {
-                    task_id: task.id.clone(),
-                    done: done as u64,
-                    total: total as u64,
-                }));
-            };
             let key = runner
                 .sample_shard(s.iteration, s.shard.index, progress)
                 .map_err(train_error)?;

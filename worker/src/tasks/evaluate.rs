@@ -31,16 +31,25 @@ pub struct Metrics {
 impl JobRunner {
     /// Held-out denoising loss (fixed timesteps and noise), generated images vs held-out real
     /// winners (kernel MMD on pixels), and a sample grid, of theta (iteration 0: the base).
-    pub fn evaluate(&mut self, iteration: usize) -> Result<Metrics, TrainError> {
+    /// `progress(done, total)` follows the loss timesteps, then the sample batches.
+    pub fn evaluate(
+        &mut self,
+        iteration: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Metrics, TrainError> {
         self.ensure_held_out()?;
         // Evaluate theta: make it the pipeline's UNet for the duration.
         let reference = std::mem::replace(&mut self.pipeline.unet, self.theta.valid());
-        let result = self.evaluate_pipeline(iteration);
+        let result = self.evaluate_pipeline(iteration, progress);
         self.pipeline.unet = reference;
         result
     }
 
-    fn evaluate_pipeline(&self, iteration: usize) -> Result<Metrics, TrainError> {
+    fn evaluate_pipeline(
+        &self,
+        iteration: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Metrics, TrainError> {
         let spec = &self.spec;
         let pipeline = &self.pipeline;
         let device = &self.device;
@@ -50,6 +59,8 @@ impl JobRunner {
         let n = held.len();
         let mut loss = 0.0;
         let steps = spec.eval.loss_timesteps.max(1);
+        let count = n.min(spec.eval.samples);
+        let batch = spec.sampling.batch_size.max(1);
         if n > 0 {
             let context: Vec<f32> = held
                 .iter()
@@ -75,11 +86,11 @@ impl JobRunner {
                     Tensor::<1>::from_data(TensorData::new(vec![t as f32; n], [n]), device);
                 let pred = pipeline.unet.forward(x_t, timesteps, context.clone());
                 loss += (pred - noise).powi_scalar(2).mean().into_scalar::<f32>() as f64;
+                progress(s + 1, steps + count.div_ceil(batch));
             }
             loss /= steps as f64;
         }
         // Generate for the held-out prompts with fixed seeds (the same for every model).
-        let count = n.min(spec.eval.samples);
         let uncond =
             Tensor::<3>::from_data(TensorData::new(self.uncond.clone(), [1, l, d]), device);
         let options = SampleOptions {
@@ -89,10 +100,7 @@ impl JobRunner {
             seed: 0,
         };
         let mut generated = Vec::new();
-        for chunk in (0..count)
-            .collect::<Vec<_>>()
-            .chunks(spec.sampling.batch_size)
-        {
+        for (b, chunk) in (0..count).collect::<Vec<_>>().chunks(batch).enumerate() {
             let noise: Vec<Tensor<4>> = chunk
                 .iter()
                 .map(|&i| {
@@ -122,6 +130,7 @@ impl JobRunner {
             let images = pipeline.decode_latents(latents) * 2.0 - 1.0;
             let per_image = images.dims()[1..].iter().product::<usize>();
             generated.extend(to_vec(images).chunks(per_image).map(<[f32]>::to_vec));
+            progress(steps + b + 1, steps + count.div_ceil(batch));
         }
         let real: Vec<Vec<f32>> = held
             .iter()

@@ -135,7 +135,9 @@ pub(crate) fn first_shard() -> Shard {
 
 /// Encodes shard 0 (the only cached shard of these tests) and samples its opponents.
 pub(crate) fn prepared(runner: &mut JobRunner) {
-    runner.encode_shard(&first_shard()).expect("encode");
+    runner
+        .encode_shard(&first_shard(), |_, _| {})
+        .expect("encode");
     if runner.spec().training.objective.self_play() {
         runner.sample_shard(0, 0, |_, _| {}).expect("sample");
     }

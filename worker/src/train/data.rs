@@ -49,14 +49,17 @@ pub fn encode_examples(
     positions: &[u64],
     report: &mut ReadReport,
     device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Example>, TrainError> {
     let mut out = Vec::with_capacity(indices.len());
+    let mut done = 0;
     let items: Vec<(usize, u64)> = indices
         .iter()
         .copied()
         .zip(positions.iter().copied())
         .collect();
     for chunk in items.chunks(32) {
+        done += chunk.len();
         let mut kept: Vec<(&PreferencePair, u64)> = Vec::new();
         let mut pixels: Vec<[Vec<f32>; 4]> = Vec::new();
         for &(i, position) in chunk {
@@ -79,6 +82,7 @@ pub fn encode_examples(
             }
         }
         if kept.is_empty() {
+            progress(done, items.len());
             continue;
         }
         let captions: Vec<&str> = kept.iter().map(|(p, _)| p.caption.as_str()).collect();
@@ -95,6 +99,7 @@ pub fn encode_examples(
                 context: context[j * l * d..(j + 1) * l * d].to_vec(),
             });
         }
+        progress(done, items.len());
     }
     Ok(out)
 }

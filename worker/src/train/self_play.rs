@@ -97,7 +97,7 @@ pub fn run_local(
         .map_err(|e| TrainError::Input(e.to_string()))?;
     let mut skipped_rows = 0;
     for shard in &shards {
-        let (_, report) = runner.encode_shard(shard)?;
+        let (_, report) = runner.encode_shard(shard, |_, _| {})?;
         skipped_rows += report.skipped.len();
     }
     tracing::info!(
@@ -110,7 +110,7 @@ pub fn run_local(
         snapshots: Vec::new(),
         metrics: Vec::new(),
     };
-    let (_, base_metrics) = runner.encode_held_out()?;
+    let (_, base_metrics) = runner.encode_held_out(|_, _| {})?;
     events(&TrainEvent::Metrics(base_metrics.clone()));
     summary.metrics.push(base_metrics);
 
