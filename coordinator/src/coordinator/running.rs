@@ -180,6 +180,11 @@ impl State {
                             queue.extend(self.forget(worker, &reason.to_string()));
                         }
                     }
+                    Action::AbortRing {
+                        worker,
+                        collective_id,
+                        reason,
+                    } => self.abort_ring(worker, job, collective_id, reason),
                     Action::Event(event) => {
                         if let Some(log) = self.events.get_mut(&job) {
                             log.push(now_ms(), event);
@@ -233,6 +238,25 @@ impl State {
                 what: "a task",
                 why: refusal(&e),
             })
+    }
+
+    /// Tells `worker` to abort its rank of ring `collective_id` of `job`. A session that cannot
+    /// take it changes nothing: its rank then fails at the ring timeout as before.
+    fn abort_ring(&mut self, worker: WorkerId, job: JobId, collective_id: String, reason: String) {
+        let Some(session) = self.sessions.get(&worker) else {
+            return;
+        };
+        tracing::info!(job = %job, worker = %worker, ring = %collective_id, %reason, "ring aborted");
+        let message = v1::CoordinatorMessage {
+            message: Some(Down::AbortRing(v1::AbortRing {
+                job_id: job.to_string(),
+                collective_id,
+                reason,
+            })),
+        };
+        if let Err(err) = session.tx.try_send(message) {
+            tracing::warn!(worker = %worker, error = %err, "could not tell a worker to abort its ring");
+        }
     }
 
     /// Forgets `worker` and carries out what that changes for the running job.

@@ -51,6 +51,16 @@ pub enum Action {
         /// The task; the worker answers it with exactly one `TaskResult`.
         task: Task,
     },
+    /// Tell `worker` to abort its rank of ring `collective_id` at once: a member was lost, so
+    /// its all-reduce would otherwise wait for the ring timeout.
+    AbortRing {
+        /// A surviving member.
+        worker: WorkerId,
+        /// The ring.
+        collective_id: String,
+        /// Which member was lost, and why.
+        reason: String,
+    },
     /// Push `event` to the job's event log.
     Event(Event),
     /// Journal `trigger` on the job, then [`JobRun::enter`] the state it leads to.

@@ -55,6 +55,21 @@ fn sends(actions: &[Action]) -> Vec<(WorkerId, v1::Task)> {
         .collect()
 }
 
+/// The ring aborts among `actions`: (worker, collective id, reason).
+fn aborts(actions: &[Action]) -> Vec<(WorkerId, String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::AbortRing {
+                worker,
+                collective_id,
+                reason,
+            } => Some((*worker, collective_id.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn triggers(actions: &[Action]) -> Vec<Trigger> {
     actions
         .iter()
@@ -415,8 +430,21 @@ fn a_lost_member_re_forms_the_ring_from_the_survivors_step() {
     let mut run = run(2, 2, false, &[10]);
     let ring = first_ring(&mut run, &workers[..2], t0);
     let (a, b) = (workers[0].id, workers[1].id);
-    // B is lost: nothing happens until A, whose neighbour is gone, reports.
-    assert!(run.on_lost(b, "session broke").is_empty());
+    // B is lost: A, whose neighbour is gone, is told to abort its rank at once (rather than
+    // wait for the ring timeout); nothing else happens until it reports.
+    let lost = run.on_lost(b, "session broke");
+    let told = aborts(&lost);
+    assert_eq!(told.len(), 1, "{lost:?}");
+    assert_eq!(told.len(), lost.len(), "only the abort: {lost:?}");
+    let (worker, collective_id, reason) = &told[0];
+    assert_eq!(
+        (*worker, collective_id.as_str()),
+        (a, train(&ring[0].1).collective_id.as_str())
+    );
+    assert!(
+        reason.contains("session broke") && reason.contains("rank 1"),
+        "{reason}"
+    );
     assert!(
         run.dispatch(&workers[..1], 4, t0).is_empty(),
         "A still running"
@@ -530,8 +558,15 @@ fn every_replica_lost_waits_then_restarts_from_the_checkpoint_with_new_workers()
     let (old, new) = workers.split_at(2);
     let mut run = run(2, 2, false, &[10]);
     let ring = first_ring(&mut run, old, t0);
-    assert!(run.on_lost(old[0].id, "gone").is_empty());
+    let lost = run.on_lost(old[0].id, "gone");
+    assert_eq!(aborts(&lost).len(), lost.len(), "only aborts: {lost:?}");
+    assert_eq!(
+        aborts(&lost)[0].0,
+        old[1].id,
+        "the survivor is told at once"
+    );
     let actions = run.on_lost(old[1].id, "session broke");
+    assert!(aborts(&actions).is_empty(), "nobody is left to tell");
     assert!(triggers(&actions).is_empty(), "the job does not fail");
     let warned = warnings(&actions);
     assert!(

@@ -34,6 +34,8 @@ struct Report {
 struct RingRun {
     /// Which ring of the job this is (counted from 1).
     ordinal: u64,
+    /// Its collective id.
+    id: String,
     ring: Ring,
     first_step: u64,
     /// Members whose result has not come.
@@ -255,6 +257,7 @@ impl Training {
         self.replicas = Some(ring.members.iter().map(|m| m.worker).collect());
         self.ring = Some(RingRun {
             ordinal,
+            id: id.clone(),
             waiting: ring.members.iter().map(|m| m.worker).collect(),
             ring,
             first_step: first,
@@ -314,7 +317,19 @@ impl Training {
                 run.waiting.remove(&worker);
                 run.reports.retain(|r| r.worker != worker);
                 run.lost.push((worker, rank, reason.to_string()));
-                return self.settle();
+                // The members still running would wait for it until the ring timeout.
+                let why = format!("worker {worker} (rank {rank}) was lost ({reason})");
+                let mut actions: Vec<Action> = run
+                    .waiting
+                    .iter()
+                    .map(|&member| Action::AbortRing {
+                        worker: member,
+                        collective_id: run.id.clone(),
+                        reason: why.clone(),
+                    })
+                    .collect();
+                actions.extend(self.settle());
+                return actions;
             }
             return Vec::new();
         }

@@ -23,6 +23,14 @@ pub enum CollectiveError {
         /// The ranks that did not send.
         silent: Vec<usize>,
     },
+    /// The coordinator aborted the ring (it lost a member): stop waiting for it.
+    #[error("rank {rank}: the coordinator aborted the ring: {reason}")]
+    Aborted {
+        /// This rank.
+        rank: usize,
+        /// The coordinator's reason (a member of the ring was lost).
+        reason: String,
+    },
     /// A neighbour's link closed (the peer exited or its connection broke).
     #[error("rank {rank}: link with rank {peer} closed: {reason}")]
     PeerClosed {

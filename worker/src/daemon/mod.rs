@@ -235,6 +235,12 @@ pub async fn run(
                                 let _ = commands.send(Command::Cancel(job)).await;
                             }
                         }
+                        Some(Down::AbortRing(a)) => {
+                            // The compute thread is inside the ring's all-reduce: the inbox,
+                            // shared with it, fails that ring's sends and receives at once.
+                            let aborted = inbox.abort(&a.collective_id, &a.reason);
+                            tracing::info!(worker = %worker_id, ring = %a.collective_id, reason = %a.reason, aborted, "ring aborted by the coordinator");
+                        }
                         Some(Down::Shutdown(s)) => {
                             tracing::info!(worker = %worker_id, reason = %s.reason, "coordinator asked us to stop");
                             break None;

@@ -10,7 +10,7 @@ use spin_common::proto::v1::collective_service_server::CollectiveServiceServer;
 use spin_common::proto::ProtoError;
 use spin_common::tls;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic::Status;
@@ -32,6 +32,13 @@ pub(super) enum InboundError {
     /// The left neighbour sent a frame the inbox refused; why.
     #[error("rank {sender} sent a bad frame: {reason}")]
     BadFrame { sender: u32, reason: String },
+}
+
+/// A local ring's queue and its abort signal.
+struct Registered {
+    serial: u64,
+    frames: mpsc::Receiver<Inbound>,
+    aborted: watch::Receiver<Option<String>>,
 }
 
 /// Why a local ring could not take its queue.
@@ -78,6 +85,8 @@ struct Slot {
     serial: u64,
     sender: Option<mpsc::Sender<Inbound>>,
     receiver: Option<mpsc::Receiver<Inbound>>,
+    /// Set (with the coordinator's reason) when the coordinator aborts the ring.
+    abort: watch::Sender<Option<String>>,
 }
 
 /// Why an incoming stream was refused; mapped to a status code in one place.
@@ -127,6 +136,7 @@ impl InboxState {
                 serial: *serial,
                 sender: Some(sender),
                 receiver: Some(receiver),
+                abort: watch::channel(None).0,
             }
         })
     }
@@ -159,19 +169,31 @@ impl InboxState {
     }
 
     /// The queue the local ring `id` reads.
-    fn register(
-        &mut self,
-        id: &str,
-        queue: usize,
-    ) -> Result<(u64, mpsc::Receiver<Inbound>), RegisterError> {
+    fn register(&mut self, id: &str, queue: usize) -> Result<Registered, RegisterError> {
         if self.is_closed(id) {
             return Err(RegisterError::Used(id.to_owned()));
         }
         let slot = self.slot(id, queue);
         match slot.receiver.take() {
-            Some(receiver) => Ok((slot.serial, receiver)),
+            Some(frames) => Ok(Registered {
+                serial: slot.serial,
+                frames,
+                aborted: slot.abort.subscribe(),
+            }),
             None => Err(RegisterError::Taken(id.to_owned())),
         }
+    }
+
+    /// Aborts ring `id` (made now if it has not come yet, so it starts aborted); a ring that
+    /// already ended is left alone. Returns whether a ring was aborted.
+    fn abort(&mut self, id: &str, queue: usize, reason: &str) -> bool {
+        if self.is_closed(id) {
+            return false;
+        }
+        self.slot(id, queue)
+            .abort
+            .send_replace(Some(reason.to_owned()));
+        true
     }
 
     /// The local ring `id` is gone: drop its queue and refuse its late streams.
@@ -195,6 +217,27 @@ pub(super) struct InboxLink {
     id: String,
     serial: u64,
     pub(super) frames: mpsc::Receiver<Inbound>,
+    /// Holds the coordinator's reason once it aborts the ring.
+    pub(super) aborted: watch::Receiver<Option<String>>,
+}
+
+impl InboxLink {
+    /// Resolves with the coordinator's reason once it aborts the ring (never, if it does not).
+    pub(super) fn aborted(&self) -> impl Future<Output = String> + 'static {
+        let mut aborted = self.aborted.clone();
+        async move {
+            let reason = aborted
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .map(|reason| reason.clone().unwrap_or_default());
+            match reason {
+                Some(reason) => reason,
+                // The inbox is gone: nobody can abort any more.
+                None => std::future::pending().await,
+            }
+        }
+    }
 }
 
 impl Drop for InboxLink {
@@ -295,7 +338,7 @@ impl CollectiveInbox {
     }
 
     pub(super) fn register(&self, id: &str, rank: usize) -> Result<InboxLink, CollectiveError> {
-        let (serial, frames) = self
+        let registered = self
             .state()
             .register(id, self.queue_frames())
             .map_err(|error| CollectiveError::Setup {
@@ -305,9 +348,19 @@ impl CollectiveInbox {
         Ok(InboxLink {
             inbox: self.clone(),
             id: id.to_owned(),
-            serial,
-            frames,
+            serial: registered.serial,
+            frames: registered.frames,
+            aborted: registered.aborted,
         })
+    }
+
+    /// Aborts this worker's rank of ring `id` at once: its sends and receives fail with the
+    /// coordinator's `reason` instead of waiting for a peer the coordinator knows is gone. A
+    /// ring that has not started here yet starts aborted; one that ended is left alone.
+    /// Returns whether a ring was aborted.
+    pub fn abort(&self, id: &str, reason: &str) -> bool {
+        let queue = self.queue_frames();
+        self.state().abort(id, queue, reason)
     }
 
     pub(super) fn attach(&self, id: &str) -> Result<Attachment, Refusal> {
@@ -332,9 +385,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_aborted_ring_says_why_even_if_it_registers_later_and_an_ended_one_is_left_alone() {
+        let mut state = InboxState::default();
+        let running = state.register("running", 2).expect("registered");
+        assert!(state.abort("running", 2, "worker w lost"));
+        assert_eq!(running.aborted.borrow().as_deref(), Some("worker w lost"));
+        assert!(state.abort("early", 2, "rank 1 lost"));
+        let early = state
+            .register("early", 2)
+            .expect("registered after the abort");
+        assert_eq!(early.aborted.borrow().as_deref(), Some("rank 1 lost"));
+        state.close("running", running.serial);
+        assert!(
+            !state.abort("running", 2, "late"),
+            "an ended ring is not made again"
+        );
+        assert!(!state.rings.contains_key("running"));
+    }
+
+    #[test]
     fn inbox_ids_are_used_once_and_remembered_within_bounds() {
         let mut state = InboxState::default();
-        let (serial, _frames) = state.register("a", 2).expect("first registration");
+        let serial = state.register("a", 2).expect("first registration").serial;
         assert!(state.register("a", 2).is_err(), "a second local rank");
         assert!(state.attach("a", 2).is_ok());
         assert!(matches!(state.attach("a", 2), Err(Refusal::Attached(_))));

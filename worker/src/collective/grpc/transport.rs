@@ -214,7 +214,13 @@ impl Transport for GrpcTransport {
         let Some(links) = &self.links else {
             return Err(self.no_links());
         };
-        if links.to_right.send(message).await.is_err() {
+        let aborted = links.from_left.aborted();
+        let sent = tokio::select! {
+            biased;
+            reason = aborted => return Err(CollectiveError::Aborted { rank: self.rank, reason }),
+            sent = links.to_right.send(message) => sent,
+        };
+        if sent.is_err() {
             return Err(self.stream_closed_after_outcome().await);
         }
         Ok(())
@@ -248,8 +254,10 @@ impl Transport for GrpcTransport {
                 .await
                 .is_ok()
         };
+        let aborted = from_left.aborted();
         let inbound = tokio::select! {
             biased;
+            reason = aborted => return Err(CollectiveError::Aborted { rank, reason }),
             inbound = from_left.frames.recv() => inbound,
             true = refused => return Err(self.stream_closed()),
         };
