@@ -8,14 +8,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::process::{self, read_log, Guard};
+use common::process::{self, Guard};
 use common::Shape;
 use rand::{Rng, SeedableRng};
 use spin_common::proto::v1;
-use spin_common::spec::JobSpec;
 
 const UNET: &str = "unet/diffusion_pytorch_model.safetensors";
 
@@ -55,10 +53,7 @@ fn a_job_survives_workers_killed_at_random_steps() {
     let spec_text = common::spec(data, base, &dir.join("reference"), &shape);
 
     // The reference: the same job without kills, in this process.
-    let spec_path = dir.join("job.toml");
-    std::fs::write(&spec_path, &spec_text).unwrap();
-    let spec = JobSpec::load(&spec_path, &HashMap::new()).unwrap();
-    spin_worker::train::self_play::run_local(&spec, &burn::tensor::Device::flex(), |_| {}).unwrap();
+    common::run_reference(&dir, &spec_text);
 
     let (_coordinator, url) = process::coordinator(&dir, "127.0.0.1:0", 3);
     let mut workers: Vec<Guard> = (0..3)
@@ -77,30 +72,12 @@ fn a_job_survives_workers_killed_at_random_steps() {
     println!("killing a random worker when global steps {kill_at:?} are reported");
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let job = runtime.block_on(async {
-        let mut client = spin_cli::client::connect(&url).await.unwrap();
-        client
-            .submit_job(v1::SubmitJobRequest {
-                spec_toml: spec_text.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id
-    });
+    let job = process::submit(&runtime, &url, &spec_text);
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut killed = 0;
     let mut restarts = 0;
     let outcome = runtime.block_on(async {
-        let mut client = spin_cli::client::connect(&url).await.unwrap();
-        let mut stream = client
-            .watch_job(v1::WatchJobRequest {
-                job_id: job.clone(),
-                from_sequence: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = process::watch(&url, &job).await;
         let mut next_kill = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -136,15 +113,7 @@ fn a_job_survives_workers_killed_at_random_steps() {
             }
         }
     });
-    let logs = || {
-        format!(
-            "coordinator:\n{}\nworker 0:\n{}\nworker 1:\n{}\nworker 2:\n{}",
-            read_log(&dir, "coordinator.log"),
-            read_log(&dir, "worker-0.log"),
-            read_log(&dir, "worker-1.log"),
-            read_log(&dir, "worker-2.log")
-        )
-    };
+    let logs = || process::cluster_logs(&dir, 3);
     assert_eq!(outcome, "done", "{}", logs());
     assert!(
         killed >= kills.min(total_steps as usize),

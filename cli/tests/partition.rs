@@ -10,14 +10,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{self, read_log, Guard};
+use common::process::{self, Guard};
 use common::Shape;
 use spin_common::proto::v1;
-use spin_common::spec::JobSpec;
 use v1::job_event::Event;
 
 const UNET: &str = "unet/diffusion_pytorch_model.safetensors";
@@ -47,41 +45,20 @@ fn survivors_of_a_partitioned_worker_go_on_within_the_heartbeat_timeout() {
         lr: 2e-5,
     };
     let spec_text = common::spec(data, base, &dir.join("reference"), &shape);
-    let spec_path = dir.join("job.toml");
-    std::fs::write(&spec_path, &spec_text).unwrap();
-    let spec = JobSpec::load(&spec_path, &HashMap::new()).unwrap();
-    spin_worker::train::self_play::run_local(&spec, &burn::tensor::Device::flex(), |_| {}).unwrap();
+    common::run_reference(&dir, &spec_text);
 
     let (_coordinator, url) = process::coordinator(&dir, "127.0.0.1:0", 3);
     let workers: Vec<Guard> = (0..3)
         .map(|i| process::worker(&url, &dir, &format!("worker-{i}.log"), RING_TIMEOUT_S))
         .collect();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let job = runtime.block_on(async {
-        let mut client = spin_cli::client::connect(&url).await.unwrap();
-        client
-            .submit_job(v1::SubmitJobRequest {
-                spec_toml: spec_text.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id
-    });
+    let job = process::submit(&runtime, &url, &spec_text);
     let deadline = Instant::now() + Duration::from_secs(400);
     let mut frozen_at: Option<Instant> = None;
     let mut lost_after: Option<Duration> = None;
     let mut resumed_after: Option<Duration> = None;
     let outcome = runtime.block_on(async {
-        let mut client = spin_cli::client::connect(&url).await.unwrap();
-        let mut stream = client
-            .watch_job(v1::WatchJobRequest {
-                job_id: job.clone(),
-                from_sequence: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = process::watch(&url, &job).await;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let event = tokio::time::timeout(left, stream.message())
@@ -121,15 +98,7 @@ fn survivors_of_a_partitioned_worker_go_on_within_the_heartbeat_timeout() {
     });
     // Never leave a stopped process behind, whatever happened.
     signal(&workers[2], "CONT");
-    let logs = || {
-        format!(
-            "coordinator:\n{}\nworker 0:\n{}\nworker 1:\n{}\nworker 2:\n{}",
-            read_log(&dir, "coordinator.log"),
-            read_log(&dir, "worker-0.log"),
-            read_log(&dir, "worker-1.log"),
-            read_log(&dir, "worker-2.log")
-        )
-    };
+    let logs = || process::cluster_logs(&dir, 3);
     assert_eq!(outcome, "done", "{}", logs());
     let resumed = resumed_after.expect("no step after the partition");
     assert!(

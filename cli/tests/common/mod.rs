@@ -23,6 +23,15 @@ pub fn daemon_binary(name: &str) -> PathBuf {
     path
 }
 
+/// Writes `spec_text` to `dir/job.toml` and runs that job in this process without faults: the
+/// reference a cluster run is compared with.
+pub fn run_reference(dir: &Path, spec_text: &str) {
+    let spec_path = dir.join("job.toml");
+    std::fs::write(&spec_path, spec_text).unwrap();
+    let spec = spin_common::spec::JobSpec::load(&spec_path, &Default::default()).unwrap();
+    spin_worker::train::self_play::run_local(&spec, &burn::tensor::Device::flex(), |_| {}).unwrap();
+}
+
 /// A fresh folder for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("spin-cli-{}-{name}", std::process::id()));

@@ -109,3 +109,43 @@ pub fn worker(url: &str, dir: &Path, log: &str, ring_timeout_s: u64) -> Guard {
 pub fn read_log(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
+
+/// Submits `spec_toml` to the coordinator at `url`; returns the job id.
+pub fn submit(runtime: &tokio::runtime::Runtime, url: &str, spec_toml: &str) -> String {
+    runtime.block_on(async {
+        let mut client = spin_cli::client::connect(url).await.unwrap();
+        client
+            .submit_job(spin_common::proto::v1::SubmitJobRequest {
+                spec_toml: spec_toml.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id
+    })
+}
+
+/// Job `job`'s event stream from its first event.
+pub async fn watch(url: &str, job: &str) -> tonic::Streaming<spin_common::proto::v1::JobEvent> {
+    let mut client = spin_cli::client::connect(url).await.unwrap();
+    client
+        .watch_job(spin_common::proto::v1::WatchJobRequest {
+            job_id: job.to_string(),
+            from_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The coordinator's and `workers` workers' logs in `dir`, for failure messages.
+pub fn cluster_logs(dir: &Path, workers: usize) -> String {
+    let mut text = format!("coordinator:\n{}", read_log(dir, "coordinator.log"));
+    for i in 0..workers {
+        text.push_str(&format!(
+            "\nworker {i}:\n{}",
+            read_log(dir, &format!("worker-{i}.log"))
+        ));
+    }
+    text
+}

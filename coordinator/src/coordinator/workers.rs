@@ -7,7 +7,7 @@
 //! running job's leases before it sweeps, which is the only place either is judged.
 
 use std::collections::HashMap;
-use std::sync::PoisonError;
+use std::sync::{MutexGuard, PoisonError};
 use std::time::Instant;
 
 use spin_common::ids::WorkerId;
@@ -173,18 +173,22 @@ impl Coordinator {
         Ok(SessionHandle { id, outbound })
     }
 
-    /// Records a heartbeat of `worker`'s session `session`; renews its leases.
+    fn liveness(&self) -> MutexGuard<'_, Liveness> {
+        self.shared
+            .liveness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a heartbeat of `worker`'s session `session` (it keeps the worker a member;
+    /// only progress renews a lease).
     pub fn heartbeat(
         &self,
         worker: WorkerId,
         session: u64,
         now: Instant,
     ) -> Result<(), ServiceError> {
-        self.shared
-            .liveness
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .beat(worker, session, now)
+        self.liveness().beat(worker, session, now)
     }
 
     /// Records that `worker`'s session `session` made progress on its task at `now` (a
@@ -196,11 +200,7 @@ impl Coordinator {
         session: u64,
         now: Instant,
     ) -> Result<(), ServiceError> {
-        self.shared
-            .liveness
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .progressed(worker, session, now)
+        self.liveness().progressed(worker, session, now)
     }
 
     /// Records step metrics reported by `worker` for its assigned job. Called on the async
