@@ -54,6 +54,13 @@ impl fmt::Debug for Token {
     }
 }
 
+impl Token {
+    /// A fresh random secret (128 bits from the thread's CSPRNG, as hex), e.g. a ring's.
+    pub fn random() -> Self {
+        Self(hex::encode(rand::random::<[u8; 16]>()))
+    }
+}
+
 impl From<&str> for Token {
     fn from(token: &str) -> Self {
         Self(token.to_owned())

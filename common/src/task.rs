@@ -3,6 +3,7 @@
 //! once, at its session's edge, with [`Task::try_from`] (ids parsed, the oneof present, ring
 //! and shard bounds checked), and runs the domain task.
 
+use crate::auth::Token;
 use crate::ids::JobId;
 use crate::proto::{parse_id, v1, ProtoError};
 use crate::shards::Shard;
@@ -69,6 +70,9 @@ pub struct TrainTask {
     pub peers: Vec<String>,
     /// Names the ring; it changes whenever the ring is re-formed.
     pub collective_id: String,
+    /// The ring's secret (the coordinator's, made for this ring alone): ranks present it to
+    /// their right neighbour, whose inbox refuses streams without it.
+    pub secret: Token,
 }
 
 impl TrainTask {
@@ -120,6 +124,7 @@ impl TryFrom<v1::TrainSteps> for TrainTask {
             world: t.world,
             peers: t.peer_addresses,
             collective_id: t.collective_id,
+            secret: Token::from(t.ring_secret),
         })
     }
 }
@@ -195,6 +200,7 @@ impl From<TaskKind> for v1::task::Kind {
                 world: t.world,
                 peer_addresses: t.peers,
                 collective_id: t.collective_id,
+                ring_secret: t.secret.expose().to_owned(),
             }),
             TaskKind::Snapshot { iteration } => Kind::Snapshot(v1::Snapshot { iteration }),
         }
@@ -225,6 +231,7 @@ mod tests {
             world,
             peers: (0..peers).map(|i| format!("w{i}:1")).collect(),
             collective_id: "ring".into(),
+            secret: Token::from("ring-secret"),
         }
     }
 

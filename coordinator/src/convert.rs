@@ -1,6 +1,7 @@
 //! Conversions between the coordinator's core types and the `spin.v1` wire messages: phases,
 //! devices, job statuses, and the training task of a ring member.
 
+use spin_common::auth::Token;
 use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::{v1, ProtoError};
 use spin_common::task::TrainTask;
@@ -103,6 +104,7 @@ pub fn collective_id(job: JobId, iteration: u32, generation: u64, attempt: u64) 
 pub fn train_task(
     ring: &Ring,
     collective_id: &str,
+    secret: &Token,
     worker: WorkerId,
     iteration: u32,
     first_step: u64,
@@ -116,6 +118,7 @@ pub fn train_task(
         world: ring.world(),
         peers: ring.addresses(),
         collective_id: collective_id.to_string(),
+        secret: secret.clone(),
     })
 }
 
@@ -172,11 +175,18 @@ mod tests {
         let id = collective_id(job, 1, ring.generation, 7);
         assert_eq!(id, format!("{job}/iteration-1/ring-4-7"));
         assert_ne!(id, collective_id(job, 1, ring.generation, 8));
-        let task = train_task(&ring, &id, ids[2], 1, 0, 99).unwrap();
+        let secret = Token::random();
+        let task = train_task(&ring, &id, &secret, ids[2], 1, 0, 99).unwrap();
+        assert_eq!(task.secret, secret);
+        assert_ne!(
+            Token::random(),
+            secret,
+            "each ring gets a secret of its own"
+        );
         assert_eq!((task.rank, task.world), (1, 2));
         assert_eq!(task.peers, ["w1:1", "w2:1"]);
         assert_eq!(task.collective_id, id);
-        assert!(train_task(&ring, &id, ids[0], 1, 0, 99).is_none());
+        assert!(train_task(&ring, &id, &secret, ids[0], 1, 0, 99).is_none());
     }
 
     #[test]

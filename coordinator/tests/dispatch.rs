@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use spin_common::proto::v1::{self, job_event::Event, task::Kind};
+use spin_common::store::{Store, StoreError};
 
 #[tokio::test]
 async fn a_spin_job_runs_every_phase_on_two_workers() {
@@ -372,5 +373,24 @@ async fn a_registered_worker_that_never_works_is_dropped_after_one_task_deadline
         honest.tasks().len() > rogue.tasks().len(),
         "the honest worker did the rogue's shard"
     );
+    // Fenced: the job's store no longer publishes what the dropped rogue writes, and still
+    // does what the honest worker writes.
+    let prefix = &rogue.assignments()[0].store_prefix;
+    let job_store = Store::open(prefix).unwrap();
+    let late = job_store
+        .clone()
+        .fenced(&rogue.id)
+        .put("cache/latents/shard-00000.safetensors", b"stale")
+        .unwrap_err();
+    assert!(
+        matches!(late, StoreError::Fenced { .. }) && late.to_string().contains(&rogue.id),
+        "{late}"
+    );
+    assert!(job_store.list("cache/latents").unwrap().is_empty());
+    job_store
+        .clone()
+        .fenced(&honest.id)
+        .put("cache/probe", b"ok")
+        .unwrap();
     sandbox.shutdown().await;
 }

@@ -346,11 +346,20 @@ pub fn write_safetensors(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| ModelError::WeightFile {
-        path: tmp.clone(),
-        message: e.to_string(),
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    let written = safetensors::serialize_to_file(views, metadata, &tmp)
+        .map_err(|e| match e {
+            // Kept as an I/O error, so a full disk is seen as one (and retried by the store).
+            safetensors::SafeTensorError::IoError(e) => ModelError::io(&tmp, e),
+            e => ModelError::WeightFile {
+                path: tmp.clone(),
+                message: e.to_string(),
+            },
+        })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Saves every parameter of `module` to a safetensors file, keyed by parameter path.

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
-use spin_common::auth::Bearer;
+use spin_common::auth::{Bearer, Token};
 use spin_common::proto::v1::collective_service_client::CollectiveServiceClient;
 use spin_common::proto::v1::{ChunkMessage, RingPhase};
 use spin_common::test_pki::TestPki;
@@ -59,10 +59,16 @@ fn worker_tls(pki: &TestPki) -> TlsSettings {
     .unwrap()
 }
 
+/// The secret of the rings formed here.
+fn secret() -> Token {
+    Token::from("ring-secret")
+}
+
 fn options(token: &str, tls: TlsSettings) -> GrpcOptions {
     GrpcOptions {
         queue_frames: 3,
         connect_timeout: Duration::from_secs(5),
+        accept_timeout: Duration::from_millis(300),
         close_timeout: Duration::from_secs(2),
         io_threads: 1,
         join_token: token.into(),
@@ -131,7 +137,9 @@ fn a_push_without_the_join_token_is_unauthenticated() {
         assert!(status.message().contains(says), "{status:?}");
         assert!(!status.message().contains(TOKEN), "{status:?}");
     }
-    assert_eq!(push(&runtime, &url, &plain, TOKEN).unwrap(), 1);
+    // With the token the stream gets past authentication; its ring is not assigned here.
+    let unassigned = push(&runtime, &url, &plain, TOKEN).expect_err("no such ring here");
+    assert_eq!(unassigned.code(), Code::NotFound, "{unassigned:?}");
 }
 
 #[test]
@@ -161,7 +169,8 @@ fn a_tls_inbox_refuses_plain_text_and_unverified_clients() {
         ca: Some(PemFile::certificates("CA", &pki.ca).unwrap()),
         identity: None,
     };
-    assert_eq!(push(&runtime, &url, &verified, TOKEN).unwrap(), 1);
+    let unassigned = push(&runtime, &url, &verified, TOKEN).expect_err("no such ring here");
+    assert_eq!(unassigned.code(), Code::NotFound, "{unassigned:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -225,10 +234,10 @@ fn a_rank_with_the_wrong_token_fails_saying_why() {
     };
     let (config0, config1) = (ring.clone(), ring);
     let rank0 = thread::spawn(move || {
-        RingCollective::connect_grpc(0, 2, "r", &address1, &inbox0, config0, &wrong)
+        RingCollective::connect_grpc(0, 2, "r", &secret(), &address1, &inbox0, config0, &wrong)
     });
     let rank1 = thread::spawn(move || {
-        RingCollective::connect_grpc(1, 2, "r", &address0, &inbox1, config1, &good)
+        RingCollective::connect_grpc(1, 2, "r", &secret(), &address0, &inbox1, config1, &good)
     });
     let ranks = vec![
         rank0.join().unwrap().expect("rank 0 links"),

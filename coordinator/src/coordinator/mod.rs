@@ -95,6 +95,8 @@ struct State {
 struct Active {
     run: JobRun,
     spec_toml: String,
+    /// The generation of the job's fence last written (see `State::write_fence`).
+    fence_generation: u64,
 }
 
 struct Session {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::v1;
+use spin_common::store::{layout, FenceRecord, Store};
 use spin_common::task::Task;
 use tokio::sync::mpsc::error::TrySendError;
 use v1::coordinator_message::Message as Down;
@@ -52,9 +53,6 @@ impl State {
             return Ok(());
         };
         let job = active.run.job();
-        let Some(session) = self.sessions.get_mut(&worker) else {
-            return Ok(());
-        };
         let message = v1::CoordinatorMessage {
             message: Some(Down::AssignJob(v1::AssignJob {
                 job_id: job.to_string(),
@@ -62,12 +60,56 @@ impl State {
                 store_prefix: active.run.job_dir().display().to_string(),
             })),
         };
+        let Some(session) = self.sessions.get_mut(&worker) else {
+            return Ok(());
+        };
+        // The fence lists the worker before it can write anything.
+        session.job = Some(job);
+        self.write_fence();
+        let Some(session) = self.sessions.get_mut(&worker) else {
+            return Ok(());
+        };
         session.tx.try_send(message).map_err(|e| Stuck::Refused {
             what: "the job assignment",
             why: refusal(&e),
-        })?;
-        session.job = Some(job);
-        Ok(())
+        })
+    }
+
+    /// Rewrites the running job's fence in its store: the registrations assigned to it now,
+    /// the only ones whose writes the store publishes. Called whenever they change, before a
+    /// lost worker's work is handed to another, so a dropped worker's late writes are refused.
+    /// A fence that cannot be written is logged: the workers' writes then fail naming it.
+    fn write_fence(&mut self) {
+        let Some(active) = &mut self.active else {
+            return;
+        };
+        let job = active.run.job();
+        active.fence_generation += 1;
+        let record = FenceRecord {
+            generation: active.fence_generation,
+            writers: self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.job == Some(job))
+                .map(|(w, _)| w.to_string())
+                .collect(),
+        };
+        let dir = active.run.job_dir();
+        let written = serde_json::to_vec_pretty(&record)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                Store::open(&dir.display().to_string())
+                    .and_then(|store| store.put(&layout::fence(), &text))
+                    .map_err(|e| e.to_string())
+            });
+        match written {
+            Ok(()) => {
+                tracing::debug!(job = %job, generation = record.generation, writers = ?record.writers, "fence written");
+            }
+            Err(error) => {
+                tracing::error!(job = %job, dir = %dir.display(), %error, "could not write the job's fence");
+            }
+        }
     }
 
     /// When no job is running and enough sessions are open: the oldest job a restart
@@ -141,9 +183,15 @@ impl State {
     /// Makes `job` the running job with dispatch state `run` and assigns it to every worker
     /// with a session; returns the dispatcher's actions for workers that could not take it.
     fn activate(&mut self, job: &JobRecord, run: JobRun) -> Vec<Action> {
+        // The fence's generation goes on from what an earlier coordinator wrote.
+        let fence_generation = std::fs::read(run.job_dir().join(layout::fence()))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<FenceRecord>(&bytes).ok())
+            .map_or(0, |f| f.generation);
         self.active = Some(Active {
             run,
             spec_toml: job.spec_toml.clone(),
+            fence_generation,
         });
         let workers: Vec<WorkerId> = self.sessions.keys().copied().collect();
         let mut actions = Vec::new();
@@ -268,7 +316,13 @@ impl State {
     /// Forgets `worker`: its session ends, live jobs hear of it, and the running job drops
     /// its task and reopens its leases. Returns the dispatcher's actions.
     pub(super) fn forget(&mut self, worker: WorkerId, reason: &str) -> Vec<Action> {
-        self.sessions.remove(&worker);
+        let assigned = self
+            .sessions
+            .remove(&worker)
+            .is_some_and(|s| s.job.is_some());
+        if assigned {
+            self.write_fence();
+        }
         self.liveness().forget(worker);
         let _ = self.membership.remove(worker);
         tracing::warn!(worker = %worker, reason, "worker lost");

@@ -227,6 +227,42 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Publishes a warning `worker` reported about its assigned job (a write it is retrying,
+    /// naming the path) as a job warning event; it counts as progress of its task.
+    pub fn report_warning(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        warning: v1::WorkerWarning,
+    ) -> Result<(), ServiceError> {
+        self.progress(worker, session, Instant::now())?;
+        let mut state = self.lock();
+        state.check_session(worker, session)?;
+        let Some(job) = state.sessions.get(&worker).and_then(|s| s.job) else {
+            return Err(ServiceError::Protocol(format!(
+                "worker {worker} reported a warning but has no job"
+            )));
+        };
+        if warning.job_id != job.to_string() {
+            return Err(ServiceError::Protocol(format!(
+                "worker {worker} reported a warning for job {} but is assigned {job}",
+                warning.job_id
+            )));
+        }
+        tracing::warn!(job = %job, worker = %worker, message = %warning.message, "worker warning");
+        if let Some(log) = state.events.get_mut(&job) {
+            log.push(
+                now_ms(),
+                Event::Warning(v1::Warning {
+                    message: format!("worker {worker}: {}", warning.message),
+                }),
+            );
+        }
+        drop(state);
+        self.save_events_soon();
+        Ok(())
+    }
+
     /// Applies the result of a task `worker` ran (and counts it as a heartbeat); the worker
     /// gets its next task. Results for a job that ended, or for unknown or stale tasks, are
     /// ignored. May write the journal: call it off the async runtime.

@@ -192,6 +192,7 @@ async fn handle(
             tracing::debug!(worker = %worker, task = %p.task_id, done = p.done, total = p.total, "task progress");
             coordinator.progress(worker, session, Instant::now())
         }
+        Some(Message::Warning(warning)) => coordinator.report_warning(worker, session, warning),
         Some(Message::Result(result)) => {
             tracing::debug!(worker = %worker, task = %result.task_id, "task result");
             let c = coordinator.clone();

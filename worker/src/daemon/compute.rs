@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use spin_common::ids::JobId;
+use spin_common::ids::WorkerId;
 use spin_common::proto::v1;
 use spin_common::spec::{JobSpec, SubmittedSpecError};
-use spin_common::store::{Store, StoreError};
+use spin_common::store::{Store, StoreError, StoreWarning};
 use spin_common::task::{Task, TaskKind, TrainTask};
 use tokio::sync::mpsc;
 use v1::worker_message::Message as Up;
@@ -39,6 +40,9 @@ pub(super) struct Assignment {
     pub spec: Result<JobSpec, SubmittedSpecError>,
     /// The job's prefix in the object store.
     pub store_prefix: String,
+    /// This worker's registration: the store publishes its writes only while the job's
+    /// fence lists it.
+    pub writer: WorkerId,
 }
 
 /// Why an assigned job could not be loaded.
@@ -90,7 +94,7 @@ pub(super) fn compute_loop(mut commands: mpsc::Receiver<Command>, links: Compute
             Command::Assign(assign) => {
                 let started = Instant::now();
                 let job = assign.job;
-                let runner = load_job(*assign, &links.device);
+                let runner = load_job(*assign, &links, session);
                 match &runner {
                     Ok(_) => {
                         tracing::info!(job = %job, secs = started.elapsed().as_secs_f64(), "job loaded")
@@ -143,13 +147,31 @@ pub(super) fn task_result(
     })
 }
 
-fn load_job(assign: Assignment, device: &Device) -> Result<JobRunner, LoadError> {
+/// Opens the assigned job: its store fenced with this worker's registration, each retried
+/// write reported up (tagged with `session`) as a job warning.
+fn load_job(
+    assign: Assignment,
+    links: &ComputeLinks,
+    session: u64,
+) -> Result<JobRunner, LoadError> {
     let spec = assign.spec.map_err(LoadError::Spec)?;
-    let store = Store::open(&assign.store_prefix).map_err(|source| LoadError::Store {
-        prefix: assign.store_prefix.clone(),
-        source,
-    })?;
-    JobRunner::open(spec, store, device).map_err(LoadError::Runner)
+    let up = links.up.clone();
+    let job = assign.job.to_string();
+    let warn = move |w: &StoreWarning| {
+        let warning = Up::Warning(v1::WorkerWarning {
+            job_id: job.clone(),
+            message: w.to_string(),
+        });
+        let _ = up.blocking_send((session, warning));
+    };
+    let store = Store::open(&assign.store_prefix)
+        .map_err(|source| LoadError::Store {
+            prefix: assign.store_prefix.clone(),
+            source,
+        })?
+        .fenced(&assign.writer.to_string())
+        .on_warning(std::sync::Arc::new(warn));
+    JobRunner::open(spec, store, &links.device).map_err(LoadError::Runner)
 }
 
 pub(super) fn failed(error: String, retryable: bool, completed_steps: u64) -> v1::TaskFailed {
@@ -274,6 +296,7 @@ fn train(
             rank,
             world,
             &t.collective_id,
+            &t.secret,
             t.right_peer(),
             &links.inbox,
             config,

@@ -207,6 +207,7 @@ pub async fn run(
                                         job,
                                         spec: JobSpec::from_submitted(&assign.spec_toml),
                                         store_prefix: assign.store_prefix,
+                                        writer: worker_id,
                                     };
                                     let _ = commands.send(Command::Assign(Box::new(assignment))).await;
                                 }

@@ -48,6 +48,9 @@ pub(super) fn links(config: &WorkerConfig) -> Result<(GrpcOptions, Endpoint, Bea
     let options = GrpcOptions {
         join_token,
         tls,
+        // A peer's stream may come before this worker is given its rank of the ring (it may
+        // still be loading the job): it waits as long as the ring would wait for a peer.
+        accept_timeout: config.ring_timeout,
         ..GrpcOptions::default()
     };
     Ok((options, coordinator, bearer))

@@ -71,34 +71,36 @@ impl JobRunner {
     pub(super) fn write_checkpoint(&mut self, k: u32, step: u64) -> Result<(), TrainError> {
         let started = Instant::now();
         let key = checkpoint::key(k, step);
-        let dir = self.store.path(&key).map_err(store_error)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-        self.theta
-            .save(&self.unet_config, &dir.join(checkpoint::WEIGHTS))?;
         let mut tensors = BTreeMap::new();
         for (name, moments) in self.optimizer.moments() {
             let n = moments.m.dims()[0];
             tensors.insert(format!("{name}.m"), (vec![n], to_vec(moments.m.clone())));
             tensors.insert(format!("{name}.v"), (vec![n], to_vec(moments.v.clone())));
         }
-        let bytes = safetensors_bytes(&tensors, None)?;
-        let path = dir.join(checkpoint::OPTIMIZER);
-        std::fs::write(&path, bytes).map_err(|e| TrainError::io(&path, e))?;
+        let moments = safetensors_bytes(&tensors, None)?;
         let state = CheckpointState {
             iteration: k,
             step,
             optimizer_steps: self.optimizer.steps_taken(),
             skipped_steps: self.skipped_steps,
         };
-        let path = dir.join(checkpoint::STATE);
-        let text = serde_json::to_vec_pretty(&state)
+        let state = serde_json::to_vec_pretty(&state)
             .map_err(|e| TrainError::Input(format!("checkpoint state of {key}: {e}")))?;
-        std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))?;
-        spin_common::manifest::publish(&dir, &format!("checkpoint of {key}"))
-            .map_err(|e| TrainError::Input(e.to_string()))?;
+        // Written in a temporary folder that replaces the key only once it is complete, its
+        // manifest published and the job's fence still lists this worker.
+        self.store
+            .publish_dir(&key, |dir| -> Result<(), TrainError> {
+                self.theta
+                    .save(&self.unet_config, &dir.join(checkpoint::WEIGHTS))?;
+                let path = dir.join(checkpoint::OPTIMIZER);
+                std::fs::write(&path, &moments).map_err(|e| TrainError::io(&path, e))?;
+                let path = dir.join(checkpoint::STATE);
+                std::fs::write(&path, &state).map_err(|e| TrainError::io(&path, e))?;
+                spin_common::manifest::publish(dir, &format!("checkpoint of {key}"))
+                    .map_err(|e| TrainError::Input(e.to_string()))?;
+                Ok(())
+            })
+            .map_err(store_error)?;
         let parent = checkpoint::iteration_dir(k);
         let names = self.store.list(&parent).map_err(store_error)?;
         for old in policy::checkpoints_to_remove(&names, policy::CHECKPOINTS_KEPT) {

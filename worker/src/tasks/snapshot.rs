@@ -22,24 +22,26 @@ impl JobRunner {
             self.load_checkpoint(k, step)?;
             self.finish_iteration(k);
         }
+        let description = format!("theta_{} of job {}", k + 1, self.spec.name);
         let dir = self
             .store
-            .path(&layout::snapshot(k + 1))
+            .publish_dir(&layout::snapshot(k + 1), |dir| {
+                write_snapshot(
+                    &self.spec.base_model,
+                    &self.theta,
+                    &self.unet_config,
+                    dir,
+                    &description,
+                )
+            })
             .map_err(store_error)?;
-        write_snapshot(
-            &self.spec.base_model,
-            &self.theta,
-            &self.unet_config,
-            &dir,
-            &format!("theta_{} of job {}", k + 1, self.spec.name),
-        )?;
         let metrics = self.evaluate(k as usize + 1, &mut |_, _| {})?;
         Ok((dir, metrics))
     }
 }
 
-/// Writes theta in diffusers layout beside copies of the base's frozen parts, then publishes a
-/// sha256 manifest: a folder without a valid manifest is never loaded.
+/// Writes theta in diffusers layout beside copies of the base's frozen parts into the empty
+/// folder `dir`, then a sha256 manifest: a folder without a valid manifest is never loaded.
 fn write_snapshot(
     base: &Path,
     theta: &UNet2DConditionModel,
@@ -47,10 +49,6 @@ fn write_snapshot(
     dir: &Path,
     description: &str,
 ) -> Result<(), TrainError> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-    }
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     for entry in [
         "model_index.json",
         "text_encoder",

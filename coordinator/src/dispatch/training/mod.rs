@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 
+use spin_common::auth::Token;
 use spin_common::ids::WorkerId;
 use spin_common::proto::v1;
 use spin_common::task::TaskKind;
@@ -170,10 +171,19 @@ impl Training {
         };
         let id = collective_id(tasks.job, self.iteration, generation, ordinal);
         let (first, last) = (self.next_step, self.steps - 1);
+        // Known to the ring's members alone: their inboxes accept only streams that carry it.
+        let secret = Token::random();
         let mut actions = Vec::new();
         for member in &ring.members {
-            let Some(task) = train_task(&ring, &id, member.worker, self.iteration, first, last)
-            else {
+            let Some(task) = train_task(
+                &ring,
+                &id,
+                &secret,
+                member.worker,
+                self.iteration,
+                first,
+                last,
+            ) else {
                 continue;
             };
             let label = format!("train-{}-ring-{ordinal}-rank-{}", self.iteration, task.rank);

@@ -1,7 +1,7 @@
 //! The outgoing `PushChunks` call to the right neighbour: dialling its server, feeding the
 //! outgoing queue into the call, and recording how the call ended.
 
-use spin_common::auth::Bearer;
+use spin_common::auth::{Bearer, Token};
 use spin_common::proto::v1::collective_service_client::CollectiveServiceClient;
 use spin_common::proto::v1::ChunkMessage;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::runtime::error_chain;
-use super::{GrpcOptions, COLLECTIVE_ID_HEADER, CONNECT_RETRY};
+use super::{GrpcOptions, COLLECTIVE_ID_HEADER, CONNECT_RETRY, RING_SECRET_HEADER};
 use crate::collective::error::CollectiveError;
 
 /// How a `PushChunks` call ended: frames received by the right neighbour, or why not.
@@ -103,6 +103,7 @@ pub(super) async fn connect_right(
 pub(super) async fn push_chunks(
     mut client: CollectiveServiceClient<Channel>,
     collective_id: String,
+    secret: Token,
     bearer: Bearer,
     outgoing: mpsc::Receiver<Outgoing>,
     outcome: watch::Sender<Option<CallOutcome>>,
@@ -121,6 +122,11 @@ pub(super) async fn push_chunks(
     // Ids that are not visible ASCII go without the header (routed by their first frame).
     if let Ok(value) = collective_id.parse() {
         request.metadata_mut().insert(COLLECTIVE_ID_HEADER, value);
+    }
+    // The coordinator's secrets are hex; one that cannot travel as a header goes without (and
+    // the right neighbour refuses the stream, naming the ring).
+    if let Ok(value) = secret.expose().parse() {
+        request.metadata_mut().insert(RING_SECRET_HEADER, value);
     }
     let result = client
         .push_chunks(request)

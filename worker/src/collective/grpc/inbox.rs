@@ -5,12 +5,12 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use spin_common::auth::ExpectedToken;
+use spin_common::auth::{ExpectedToken, Refused, Token};
 use spin_common::proto::v1::collective_service_server::CollectiveServiceServer;
 use spin_common::proto::ProtoError;
 use spin_common::tls;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic::Status;
@@ -52,10 +52,15 @@ enum RegisterError {
 
 /// The receiving side of every ring a worker takes part in: one per process, for its whole
 /// life. It serves `CollectiveService`; each incoming `PushChunks` stream is routed by its
-/// collective id into a bounded queue that the local [`GrpcTransport`] of that ring reads. The
-/// queue is created by whichever comes first, the peer's stream or the local ring. A ring takes
-/// one incoming stream (a second is refused with `already_exists`); streams for a ring whose
-/// local transport was dropped are refused with `failed_precondition`.
+/// collective id into a bounded queue that the local [`GrpcTransport`] of that ring reads.
+/// Only rings assigned to this worker are served: the local ring registers its id with the
+/// secret the coordinator gave its members, and a stream is attached only once its ring is
+/// registered here and only if it carries that secret (`permission_denied` otherwise, and the
+/// ring is left untouched, so a stranger that guesses an id cannot take a ring's place). A
+/// stream that comes before its ring waits for it up to the options' `accept_timeout`, then
+/// is refused with `not_found`. A ring takes one incoming stream (a second is refused with
+/// `already_exists`); streams for a ring whose local transport was dropped are refused with
+/// `failed_precondition`.
 ///
 /// [`GrpcTransport`]: super::GrpcTransport
 #[derive(Clone, Debug)]
@@ -68,6 +73,8 @@ pub(super) struct Shared {
     options: GrpcOptions,
     pub(super) expected: ExpectedToken,
     state: Mutex<InboxState>,
+    /// Woken whenever a local ring registers (streams waiting for their ring look again).
+    registered: Notify,
 }
 
 /// The rings an inbox routes to, and the ids it refuses.
@@ -87,6 +94,9 @@ struct Slot {
     receiver: Option<mpsc::Receiver<Inbound>>,
     /// Set (with the coordinator's reason) when the coordinator aborts the ring.
     abort: watch::Sender<Option<String>>,
+    /// The ring's secret, once the local ring registered (a slot made by an early abort has
+    /// none, and takes no stream until then).
+    secret: Option<ExpectedToken>,
 }
 
 /// Why an incoming stream was refused; mapped to a status code in one place.
@@ -104,6 +114,13 @@ pub(super) enum Refusal {
     Closed(String),
     #[error("collective {0} already has an incoming stream")]
     Attached(String),
+    #[error("collective {id} is not assigned to this worker (no ring of that id registered here within {waited:?})")]
+    Unassigned {
+        id: String,
+        waited: std::time::Duration,
+    },
+    #[error("collective {0}: the stream did not carry the ring's secret")]
+    WrongSecret(String),
     #[error("incoming stream failed: {}", .0.message())]
     Stream(Box<Status>),
     #[error("CollectiveService needs the cluster's join token as `authorization: Bearer` metadata and none was sent")]
@@ -120,6 +137,8 @@ impl From<Refusal> for Status {
             }
             Refusal::Closed(_) => Status::failed_precondition(refusal.to_string()),
             Refusal::Attached(_) => Status::already_exists(refusal.to_string()),
+            Refusal::Unassigned { .. } => Status::not_found(refusal.to_string()),
+            Refusal::WrongSecret(_) => Status::permission_denied(refusal.to_string()),
             Refusal::Stream(status) => *status,
             Refusal::NoToken | Refusal::WrongToken => Status::unauthenticated(refusal.to_string()),
         }
@@ -137,6 +156,7 @@ impl InboxState {
                 sender: Some(sender),
                 receiver: Some(receiver),
                 abort: watch::channel(None).0,
+                secret: None,
             }
         })
     }
@@ -145,14 +165,27 @@ impl InboxState {
         self.closed.iter().any(|closed| closed == id)
     }
 
-    /// The queue an incoming stream for `id` forwards into.
-    fn attach(&mut self, id: &str, queue: usize) -> Result<(u64, mpsc::Sender<Inbound>), Refusal> {
+    /// The queue an incoming stream for `id` carrying `secret` forwards into; `None` while
+    /// no local ring `id` has registered.
+    fn attach(
+        &mut self,
+        id: &str,
+        secret: Option<&str>,
+    ) -> Result<Option<(u64, mpsc::Sender<Inbound>)>, Refusal> {
         if self.is_closed(id) {
             return Err(Refusal::Closed(id.to_owned()));
         }
-        let slot = self.slot(id, queue);
+        let Some(slot) = self.rings.get_mut(id) else {
+            return Ok(None);
+        };
+        let Some(expected) = &slot.secret else {
+            return Ok(None);
+        };
+        if let Err(Refused::Missing | Refused::Wrong) = expected.check(secret) {
+            return Err(Refusal::WrongSecret(id.to_owned()));
+        }
         match slot.sender.take() {
-            Some(sender) => Ok((slot.serial, sender)),
+            Some(sender) => Ok(Some((slot.serial, sender))),
             None => Err(Refusal::Attached(id.to_owned())),
         }
     }
@@ -168,18 +201,26 @@ impl InboxState {
         }
     }
 
-    /// The queue the local ring `id` reads.
-    fn register(&mut self, id: &str, queue: usize) -> Result<Registered, RegisterError> {
+    /// The queue the local ring `id` reads; its streams must carry `secret`.
+    fn register(
+        &mut self,
+        id: &str,
+        queue: usize,
+        secret: &Token,
+    ) -> Result<Registered, RegisterError> {
         if self.is_closed(id) {
             return Err(RegisterError::Used(id.to_owned()));
         }
         let slot = self.slot(id, queue);
         match slot.receiver.take() {
-            Some(frames) => Ok(Registered {
-                serial: slot.serial,
-                frames,
-                aborted: slot.abort.subscribe(),
-            }),
+            Some(frames) => {
+                slot.secret = Some(ExpectedToken::new(secret));
+                Ok(Registered {
+                    serial: slot.serial,
+                    frames,
+                    aborted: slot.abort.subscribe(),
+                })
+            }
             None => Err(RegisterError::Taken(id.to_owned())),
         }
     }
@@ -270,6 +311,7 @@ impl CollectiveInbox {
                 options: options.clone(),
                 expected: ExpectedToken::new(&options.join_token),
                 state: Mutex::default(),
+                registered: Notify::new(),
             }),
         }
     }
@@ -337,14 +379,21 @@ impl CollectiveInbox {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn register(&self, id: &str, rank: usize) -> Result<InboxLink, CollectiveError> {
+    /// Registers the local rank `rank` of ring `id`, whose streams carry `secret`.
+    pub(super) fn register(
+        &self,
+        id: &str,
+        rank: usize,
+        secret: &Token,
+    ) -> Result<InboxLink, CollectiveError> {
         let registered = self
             .state()
-            .register(id, self.queue_frames())
+            .register(id, self.queue_frames(), secret)
             .map_err(|error| CollectiveError::Setup {
                 rank,
                 reason: error.to_string(),
             })?;
+        self.shared.registered.notify_waiters();
         Ok(InboxLink {
             inbox: self.clone(),
             id: id.to_owned(),
@@ -363,14 +412,35 @@ impl CollectiveInbox {
         self.state().abort(id, queue, reason)
     }
 
-    pub(super) fn attach(&self, id: &str) -> Result<Attachment, Refusal> {
-        let (serial, frames) = self.state().attach(id, self.queue_frames())?;
-        Ok(Attachment {
-            inbox: self.clone(),
-            id: id.to_owned(),
-            serial,
-            frames,
-        })
+    /// The hold of an incoming stream carrying `secret` on ring `id`'s queue, once that ring
+    /// has registered here (waiting for it up to the options' `accept_timeout`).
+    pub(super) async fn attach(
+        &self,
+        id: &str,
+        secret: Option<&str>,
+    ) -> Result<Attachment, Refusal> {
+        let waited = self.shared.options.accept_timeout;
+        let deadline = tokio::time::Instant::now() + waited;
+        loop {
+            // Armed before looking, so a registration in between is not missed.
+            let registered = self.shared.registered.notified();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
+            if let Some((serial, frames)) = self.state().attach(id, secret)? {
+                return Ok(Attachment {
+                    inbox: self.clone(),
+                    id: id.to_owned(),
+                    serial,
+                    frames,
+                });
+            }
+            if tokio::time::timeout_at(deadline, registered).await.is_err() {
+                return Err(Refusal::Unassigned {
+                    id: id.to_owned(),
+                    waited,
+                });
+            }
+        }
     }
 
     /// Rings with a queue right now (registered, or with a stream whose ring has not come).
@@ -387,12 +457,13 @@ mod tests {
     #[test]
     fn an_aborted_ring_says_why_even_if_it_registers_later_and_an_ended_one_is_left_alone() {
         let mut state = InboxState::default();
-        let running = state.register("running", 2).expect("registered");
+        let secret = Token::from("s");
+        let running = state.register("running", 2, &secret).expect("registered");
         assert!(state.abort("running", 2, "worker w lost"));
         assert_eq!(running.aborted.borrow().as_deref(), Some("worker w lost"));
         assert!(state.abort("early", 2, "rank 1 lost"));
         let early = state
-            .register("early", 2)
+            .register("early", 2, &secret)
             .expect("registered after the abort");
         assert_eq!(early.aborted.borrow().as_deref(), Some("rank 1 lost"));
         state.close("running", running.serial);
@@ -406,18 +477,53 @@ mod tests {
     #[test]
     fn inbox_ids_are_used_once_and_remembered_within_bounds() {
         let mut state = InboxState::default();
-        let serial = state.register("a", 2).expect("first registration").serial;
-        assert!(state.register("a", 2).is_err(), "a second local rank");
-        assert!(state.attach("a", 2).is_ok());
-        assert!(matches!(state.attach("a", 2), Err(Refusal::Attached(_))));
+        let secret = Token::from("s");
+        let serial = state
+            .register("a", 2, &secret)
+            .expect("first registration")
+            .serial;
+        assert!(
+            state.register("a", 2, &secret).is_err(),
+            "a second local rank"
+        );
+        assert!(matches!(state.attach("a", Some("s")), Ok(Some(_))));
+        assert!(matches!(
+            state.attach("a", Some("s")),
+            Err(Refusal::Attached(_))
+        ));
         state.close("a", serial);
         assert!(state.rings.is_empty());
-        assert!(state.register("a", 2).is_err(), "a closed id");
-        assert!(matches!(state.attach("a", 2), Err(Refusal::Closed(_))));
+        assert!(state.register("a", 2, &secret).is_err(), "a closed id");
+        assert!(matches!(
+            state.attach("a", Some("s")),
+            Err(Refusal::Closed(_))
+        ));
         for i in 0..CLOSED_IDS_KEPT {
             state.close(&format!("x{i}"), 0);
         }
         assert_eq!(state.closed.len(), CLOSED_IDS_KEPT);
         assert!(!state.is_closed("a"));
+    }
+
+    #[test]
+    fn a_stream_is_attached_only_to_a_registered_ring_and_only_with_its_secret() {
+        let mut state = InboxState::default();
+        // Before the ring is assigned here: nothing to attach to, and no queue is made.
+        assert!(matches!(state.attach("r", Some("s")), Ok(None)));
+        assert!(state.rings.is_empty());
+        // An early abort makes the slot, but it takes no stream before the ring registers.
+        assert!(state.abort("r", 2, "lost"));
+        assert!(matches!(state.attach("r", Some("s")), Ok(None)));
+        let _link = state
+            .register("r", 2, &Token::from("s"))
+            .expect("registered");
+        // A stranger without the secret is refused and takes nothing away.
+        for wrong in [None, Some(""), Some("guess")] {
+            assert!(matches!(
+                state.attach("r", wrong),
+                Err(Refusal::WrongSecret(_))
+            ));
+        }
+        assert!(matches!(state.attach("r", Some("s")), Ok(Some(_))));
     }
 }

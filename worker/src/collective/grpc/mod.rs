@@ -45,6 +45,10 @@ const OUTCOME_WAIT: Duration = Duration::from_secs(1);
 /// first message's `collective_id`.
 pub const COLLECTIVE_ID_HEADER: &str = "spin-collective-id";
 
+/// Request metadata carrying the ring's secret (`TrainSteps.ring_secret`): an inbox attaches
+/// a stream only to a ring assigned to it, and only with that ring's secret.
+pub const RING_SECRET_HEADER: &str = "spin-ring-secret";
+
 /// The collective id of [`RingCollective::localhost_ring_grpc`] rings (their inboxes are new).
 const LOCALHOST_RING_ID: &str = "localhost-ring";
 
@@ -58,6 +62,9 @@ pub struct GrpcOptions {
     pub queue_frames: usize,
     /// How long reaching the right neighbour's server may take (retried until then).
     pub connect_timeout: Duration,
+    /// How long an incoming stream waits for its ring to be assigned here (the local rank
+    /// to register it) before it is refused with `not_found`.
+    pub accept_timeout: Duration,
     /// How long dropping a transport right after a flush waits for the right neighbour to
     /// confirm the stream (see [`GrpcTransport`]).
     pub close_timeout: Duration,
@@ -85,6 +92,7 @@ impl Default for GrpcOptions {
         Self {
             queue_frames: 8,
             connect_timeout: Duration::from_secs(60),
+            accept_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(10),
             max_message_bytes: 1 << 30,
             io_threads: 2,
@@ -98,13 +106,16 @@ impl Default for GrpcOptions {
 }
 
 impl RingCollective<GrpcTransport> {
-    /// Forms `rank`'s gRPC links on ring `collective_id` (see [`GrpcTransport::connect`]) on a
-    /// runtime of its own; `inbox` is this process's, served by the caller. Call it from a plain
-    /// thread. Unlike TCP it does not wait for the left neighbour, which may join later.
+    /// Forms `rank`'s gRPC links on ring `collective_id` with its `secret` (see
+    /// [`GrpcTransport::connect`]) on a runtime of its own; `inbox` is this process's, served by
+    /// the caller. Call it from a plain thread. Unlike TCP it does not wait for the left
+    /// neighbour, which may join later.
+    #[allow(clippy::too_many_arguments)]
     pub fn connect_grpc(
         rank: usize,
         world: usize,
         collective_id: &str,
+        secret: &Token,
         right_address: &str,
         inbox: &CollectiveInbox,
         config: RingConfig,
@@ -115,6 +126,7 @@ impl RingCollective<GrpcTransport> {
             rank,
             world,
             collective_id,
+            secret,
             right_address,
             inbox,
             options,
@@ -156,6 +168,7 @@ impl RingCollective<GrpcTransport> {
                     rank,
                     world,
                     LOCALHOST_RING_ID,
+                    &Token::default(),
                     right,
                     inbox,
                     options,

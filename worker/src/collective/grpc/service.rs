@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::inbox::{Attachment, CollectiveInbox, InboundError, Refusal};
 use super::wire::frame_from_message;
-use super::COLLECTIVE_ID_HEADER;
+use super::{COLLECTIVE_ID_HEADER, RING_SECRET_HEADER};
 
 #[tonic::async_trait]
 impl CollectiveService for CollectiveInbox {
@@ -24,6 +24,11 @@ impl CollectiveService for CollectiveInbox {
                 Refused::Missing => Refusal::NoToken,
                 Refused::Wrong => Refusal::WrongToken,
             })?;
+        let secret = request
+            .metadata()
+            .get(RING_SECRET_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let named = request
             .metadata()
             .get(COLLECTIVE_ID_HEADER)
@@ -46,7 +51,7 @@ impl CollectiveService for CollectiveInbox {
             };
             return Err(Refusal::from(missing).into());
         }
-        let attachment = self.attach(&id)?;
+        let attachment = self.attach(&id, secret.as_deref()).await?;
         let chunks_received = forward(&attachment, first, messages).await?;
         Ok(Response::new(PushChunksResponse { chunks_received }))
     }

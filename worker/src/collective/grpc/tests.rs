@@ -32,10 +32,14 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 type Result<T> = std::result::Result<T, CollectiveError>;
 
+/// The secret of the rings these tests form.
+const RING_SECRET: &str = "ring-secret";
+
 fn options() -> GrpcOptions {
     GrpcOptions {
         queue_frames: 3,
         connect_timeout: Duration::from_secs(5),
+        accept_timeout: Duration::from_secs(1),
         close_timeout: Duration::from_secs(2),
         io_threads: 1,
         ..GrpcOptions::default()
@@ -190,17 +194,45 @@ impl Inboxes {
         let inbox = self.inboxes[rank].clone();
         let right = self.addresses[(rank + 1) % world].clone();
         let (id, config) = (id.to_owned(), config.clone());
-        move || RingCollective::connect_grpc(rank, world, &id, &right, &inbox, config, &options())
+        move || {
+            let secret = Token::from(RING_SECRET);
+            RingCollective::connect_grpc(
+                rank,
+                world,
+                &id,
+                &secret,
+                &right,
+                &inbox,
+                config,
+                &options(),
+            )
+        }
     }
 
     /// Streams `messages` to inbox `index` in one call; its answer.
     fn push(&self, index: usize, messages: Vec<ChunkMessage>) -> std::result::Result<u64, Status> {
+        self.push_with(index, None, messages)
+    }
+
+    /// Streams `messages` to inbox `index` in one call carrying `secret` as the ring's
+    /// secret; its answer.
+    fn push_with(
+        &self,
+        index: usize,
+        secret: Option<&str>,
+        messages: Vec<ChunkMessage>,
+    ) -> std::result::Result<u64, Status> {
         let uri = format!("http://{}", self.addresses[index]);
         let call = async {
             let mut client = CollectiveServiceClient::connect(uri)
                 .await
                 .expect("connect");
-            let response = client.push_chunks(tokio_stream::iter(messages)).await?;
+            let mut request = tonic::Request::new(tokio_stream::iter(messages));
+            if let Some(secret) = secret {
+                let value = secret.parse().expect("ascii secret");
+                request.metadata_mut().insert(RING_SECRET_HEADER, value);
+            }
+            let response = client.push_chunks(request).await?;
             Ok(response.into_inner().chunks_received)
         };
         self.runtime
@@ -276,9 +308,12 @@ fn re_formed_rings_on_the_same_inboxes_stay_apart() {
     let stale = || vec![data_message("step-1", 0, payload_bytes(vec![1e30; 4]))];
     let late = inboxes.push(1, stale()).expect_err("late stream");
     assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
-    // A stream for a ring that never forms here leaves nothing behind when it ends.
+    // A stream for a ring that never forms here is refused once it has waited for it, and
+    // leaves nothing behind.
     let stray = vec![data_message("elsewhere", 0, payload_bytes(vec![1.0; 4]))];
-    assert_eq!(inboxes.push(2, stray).expect("stray stream"), 1);
+    let stray = inboxes.push(2, stray).expect_err("stray stream");
+    assert_eq!(stray.code(), Code::NotFound, "{stray:?}");
+    assert!(stray.message().contains("not assigned"), "{stray:?}");
     inboxes.wait_all_closed();
 
     // The next ring on the same inboxes. Each rank starts reducing before its right
@@ -297,6 +332,50 @@ fn re_formed_rings_on_the_same_inboxes_stay_apart() {
         let late = late.join().expect("late stream thread");
         let late = late.expect_err("late stream");
         assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    });
+    inboxes.wait_all_closed();
+}
+
+#[test]
+fn a_stranger_claiming_a_ring_id_first_is_refused_and_the_ring_runs() {
+    // The ids are predictable: a stranger opens streams for the next ring on every inbox
+    // before its ranks arrive, with a wrong secret and with none.
+    let inboxes = Inboxes::start(3);
+    let config = small_config();
+    let claim = |index: usize, secret: Option<&'static str>| {
+        let inboxes = &inboxes;
+        move || {
+            inboxes.push_with(
+                index,
+                secret,
+                vec![data_message("next", 2, payload_bytes(vec![1e30; 4]))],
+            )
+        }
+    };
+    let inputs = random_buffers(3, 3001, 31);
+    thread::scope(|scope| {
+        let claims: Vec<_> = (0..3)
+            .flat_map(|i| {
+                [
+                    scope.spawn(claim(i, Some("guessed"))),
+                    scope.spawn(claim(i, None)),
+                ]
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(100));
+        let makers = (0..3)
+            .map(|r| inboxes.maker(r, 3, "next", &config))
+            .collect();
+        let results = run_ranks(makers, &inputs, 1, Duration::ZERO);
+        assert_bitwise(&reference(&inputs, &config, 1), results);
+        for claim in claims {
+            let refused = claim
+                .join()
+                .expect("claim thread")
+                .expect_err("claim refused");
+            assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+            assert!(refused.message().contains("secret"), "{refused:?}");
+        }
     });
     inboxes.wait_all_closed();
 }
@@ -336,28 +415,45 @@ fn a_rank_that_never_arrives_is_named() {
 #[test]
 fn malformed_messages_are_refused_naming_the_field() {
     let inboxes = Inboxes::start(1);
-    let bad_phase = ChunkMessage {
+    let bad_phase = |id: &str| ChunkMessage {
         phase: RingPhase::Unspecified as i32,
-        ..data_message("ring", 0, Bytes::new())
+        ..data_message(id, 0, Bytes::new())
     };
-    let odd_payload = data_message("ring", 0, Bytes::from_static(&[0; 5]));
-    let no_id = data_message("", 0, Bytes::new());
-    let good = || data_message("ring", 0, payload_bytes(vec![0.5; 2]));
-    let other_sender = data_message("ring", 1, Bytes::new());
-    for (messages, field) in [
-        (vec![bad_phase], "ChunkMessage.phase"),
-        (vec![odd_payload.clone()], "ChunkMessage.payload"),
-        (vec![no_id], "ChunkMessage.collective_id"),
-        (vec![good(), other_sender], "ChunkMessage.sender_rank"),
-    ] {
+    let odd = |id: &str| data_message(id, 0, Bytes::from_static(&[0; 5]));
+    let good = |id: &str| data_message(id, 0, payload_bytes(vec![0.5; 2]));
+    let other_sender = |id: &str| data_message(id, 1, Bytes::new());
+    let no_id = vec![data_message("", 0, Bytes::new())];
+    let status = inboxes.push(0, no_id).expect_err("no id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("ChunkMessage.collective_id"));
+    for (n, (messages, field)) in [
+        (vec![bad_phase("ring-0")], "ChunkMessage.phase"),
+        (vec![odd("ring-1")], "ChunkMessage.payload"),
+        (
+            vec![good("ring-2"), other_sender("ring-2")],
+            "ChunkMessage.sender_rank",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Each on a ring of its own, assigned here with no secret.
+        let link = inboxes.inboxes[0]
+            .register(&format!("ring-{n}"), 1, &Token::default())
+            .expect("register");
         let status = inboxes.push(0, messages).expect_err(field);
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains(field), "{status:?}");
+        drop(link);
         inboxes.wait_all_closed();
     }
+    let odd_payload = odd("ring");
+    let good = || good("ring");
 
     // A local ring whose left neighbour sends a bad frame learns why its stream ended.
-    let mut link = inboxes.inboxes[0].register("ring", 1).expect("register");
+    let mut link = inboxes.inboxes[0]
+        .register("ring", 1, &Token::default())
+        .expect("register");
     let status = inboxes
         .push(0, vec![good(), odd_payload])
         .expect_err("bad frame");
@@ -405,8 +501,17 @@ fn an_unreachable_neighbour_fails_setup_naming_it() {
         ..options()
     };
     let start = StdInstant::now();
-    let result =
-        RingCollective::connect_grpc(0, 2, "r", &address, &inbox, small_config(), &options);
+    let secret = Token::from(RING_SECRET);
+    let result = RingCollective::connect_grpc(
+        0,
+        2,
+        "r",
+        &secret,
+        &address,
+        &inbox,
+        small_config(),
+        &options,
+    );
     assert!(
         start.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -430,7 +535,9 @@ fn a_flushed_rank_that_leaves_at_once_still_delivers() {
     // frames still wait in the sender's HTTP/2 buffer, and its runtime stops right after.
     const FRAMES: u32 = 24;
     let inboxes = Inboxes::start(2);
-    let mut link = inboxes.inboxes[1].register("leaving", 1).expect("register");
+    let mut link = inboxes.inboxes[1]
+        .register("leaving", 1, &Token::from(RING_SECRET))
+        .expect("register");
     let reader = thread::spawn(move || {
         let runtime = Builder::new_current_thread().enable_time().build();
         let runtime = runtime.expect("reader runtime");
@@ -452,7 +559,8 @@ fn a_flushed_rank_that_leaves_at_once_still_delivers() {
     let (right, inbox, options) = (&inboxes.addresses[1], &inboxes.inboxes[0], options());
     let mut transport = runtime
         .block_on(async {
-            let connect = GrpcTransport::connect(0, 2, "leaving", right, inbox, &options);
+            let secret = Token::from(RING_SECRET);
+            let connect = GrpcTransport::connect(0, 2, "leaving", &secret, right, inbox, &options);
             timeout(DEADLINE, connect).await
         })
         .expect("connect in time")

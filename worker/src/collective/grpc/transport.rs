@@ -4,7 +4,7 @@
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 
-use spin_common::auth::Bearer;
+use spin_common::auth::{Bearer, Token};
 use spin_common::proto::v1::collective_service_client::CollectiveServiceClient;
 use spin_common::proto::v1::ChunkMessage;
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -94,7 +94,8 @@ impl Drop for GrpcTransport {
 
 impl GrpcTransport {
     /// Forms `rank`'s links on ring `collective_id`: registers the ring in `inbox` (where the
-    /// left neighbour's frames arrive) and opens the stream to the right neighbour's inbox at
+    /// left neighbour's frames arrive, on a stream that must carry `secret`) and opens the
+    /// stream, carrying `secret`, to the right neighbour's inbox at
     /// `right_address` (`host:port` or a URI), retrying until `options.connect_timeout`. Spawns
     /// the stream on the current runtime. Does not wait for the left neighbour.
     #[tracing::instrument(level = "debug", skip(inbox, options))]
@@ -102,6 +103,7 @@ impl GrpcTransport {
         rank: usize,
         world: usize,
         collective_id: &str,
+        secret: &Token,
         right_address: &str,
         inbox: &CollectiveInbox,
         options: &GrpcOptions,
@@ -131,7 +133,7 @@ impl GrpcTransport {
         }
         let bearer = Bearer::new("join token", &options.join_token)
             .map_err(|e| CollectiveError::Config(e.to_string()))?;
-        let from_left = inbox.register(collective_id, rank)?;
+        let from_left = inbox.register(collective_id, rank, secret)?;
         let channel = connect_right(rank, (rank + 1) % world, right_address, options).await?;
         let client = CollectiveServiceClient::new(channel)
             .max_encoding_message_size(options.max_message_bytes)
@@ -141,8 +143,9 @@ impl GrpcTransport {
         // The call's task sends one notice, so it never waits for room.
         let (ended, call_ended) = std_mpsc::sync_channel(1);
         let id = collective_id.to_owned();
+        let secret = secret.clone();
         tokio::spawn(async move {
-            push_chunks(client, id, bearer, outgoing, outcome).await;
+            push_chunks(client, id, secret, bearer, outgoing, outcome).await;
             let _ = ended.send(());
         });
         transport.links = Some(Links {
