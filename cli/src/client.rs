@@ -1,7 +1,8 @@
-//! `spinctl submit`, `status`, `list`, `cancel` and `logs`: the commands that talk to a
-//! coordinator's `JobService`. Exit codes: 0 success (and `logs` of a job that is done or still
-//! running), 1 a job that failed or was cancelled (`logs`, `submit --follow`), 2 anything
-//! refused: a bad spec, an unknown job, an unreachable coordinator, a refused token. Every call
+//! `spinctl submit`, `status`, `list`, `cancel`, `resume` and `logs`: the commands that talk
+//! to a coordinator's `JobService`. Exit codes: 0 success (and `logs` of a job that is done or
+//! still running), 1 a job that failed or was cancelled (`logs`, `submit --follow`, `resume
+//! --follow`), 2 anything refused: a bad spec, an unknown job, a job that cannot be resumed,
+//! an unreachable coordinator, a refused token. Every call
 //! carries the API token of the [`Remote`], over TLS to an `https://` coordinator.
 
 use std::collections::HashMap;
@@ -41,6 +42,16 @@ pub struct StatusArgs {
 pub struct CancelArgs {
     /// The job.
     job: JobId,
+}
+
+/// Arguments of `spinctl resume`.
+#[derive(clap::Args, Debug)]
+pub struct ResumeArgs {
+    /// The job (a failed one).
+    job: JobId,
+    /// Then print the resumed run's events until the job ends (as `logs --follow`).
+    #[arg(long)]
+    follow: bool,
 }
 
 /// Arguments of `spinctl logs`.
@@ -155,6 +166,43 @@ pub fn cancel(remote: &Remote, args: CancelArgs) -> anyhow::Result<ExitCode> {
         println!("{}", phase_label(phase.as_ref()));
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Runs `spinctl resume`: asks the coordinator to go on with a failed job from what its store
+/// holds, prints the phase it is back in, whether it waits for another job, and where its
+/// resumed run's events start; then follows them if asked.
+pub fn resume(remote: &Remote, args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let url = remote.url();
+    runtime()?.block_on(async {
+        let mut client = connect_to(remote).await?;
+        let id = args.job.to_string();
+        let resumed = client
+            .resume_job(v1::ResumeJobRequest { job_id: id.clone() })
+            .await
+            .map_err(|s| refused(url, &format!("resuming job {id}"), &s))?
+            .into_inner();
+        print!("{}", resumed_text(&id, &resumed));
+        if !args.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // From the resume on: the failure before it is not the end of this run.
+        watch(url, &mut client, &id, true, resumed.from_sequence).await
+    })
+}
+
+/// What `spinctl resume` prints for job `id` resumed as `resumed` says.
+pub fn resumed_text(id: &str, resumed: &v1::ResumeJobResponse) -> String {
+    let phase = phase_label(resumed.phase.as_ref());
+    let start = if resumed.running_job_id.is_empty() {
+        "it starts as soon as enough workers are connected".to_string()
+    } else {
+        format!("it starts once job {} ends", resumed.running_job_id)
+    };
+    format!(
+        "job {id} resumed: FAILED -> {phase} (the phase it failed in), going on from what its \
+         store holds; {start}\nits events from #{seq}: spinctl logs {id} --follow --from {seq}\n",
+        seq = resumed.from_sequence
+    )
 }
 
 /// Runs `spinctl logs`.
@@ -391,6 +439,28 @@ mod tests {
         let path = write_spec("range", &SPEC.replace("steps = 50", "steps = 0"));
         let err = format!("{:#}", submission_toml(&path, &HashMap::new()).unwrap_err());
         assert!(err.contains("iteration[0].steps"), "{err}");
+    }
+
+    #[test]
+    fn resume_says_the_phase_what_it_waits_for_and_where_its_events_start() {
+        let mut resumed = v1::ResumeJobResponse {
+            phase: Some(v1::Phase {
+                kind: v1::PhaseKind::Training as i32,
+                iteration: 1,
+            }),
+            from_sequence: 42,
+            running_job_id: String::new(),
+        };
+        let text = resumed_text("j-1", &resumed);
+        assert_eq!(
+            text,
+            "job j-1 resumed: FAILED -> TRAINING k=1 (the phase it failed in), going on from \
+             what its store holds; it starts as soon as enough workers are connected\n\
+             its events from #42: spinctl logs j-1 --follow --from 42\n"
+        );
+        resumed.running_job_id = "j-0".into();
+        let text = resumed_text("j-1", &resumed);
+        assert!(text.contains("it starts once job j-0 ends"), "{text}");
     }
 
     #[test]

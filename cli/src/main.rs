@@ -14,7 +14,7 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// The coordinator that submit, status, list, cancel and logs talk to.
+    /// The coordinator that submit, status, list, cancel, resume and logs talk to.
     #[arg(long, global = true, env = "SPIN_COORDINATOR", default_value = client::DEFAULT_COORDINATOR)]
     coordinator: String,
     /// The coordinator's API token, sent on every call (prefer SPIN_TOKEN: a flag shows in the
@@ -53,6 +53,9 @@ enum Command {
     List,
     /// Cancel a job; prints its phase afterwards.
     Cancel(client::CancelArgs),
+    /// Resume a failed job from what its store holds (its newest verified checkpoint) once the
+    /// cause of the failure is gone; prints the phase it is back in.
+    Resume(client::ResumeArgs),
     /// A job's events: phases, progress, workers, snapshots, evaluations, how it ended.
     Logs(client::LogsArgs),
     /// Run a small SPIN job on the synthetic dataset, start to end, in this process.
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Status(args) => remote().and_then(|r| client::status(&r, args)),
         Command::List => remote().and_then(|r| client::list(&r)),
         Command::Cancel(args) => remote().and_then(|r| client::cancel(&r, args)),
+        Command::Resume(args) => remote().and_then(|r| client::resume(&r, args)),
         Command::Logs(args) => remote().and_then(|r| client::logs(&r, args)),
         Command::Demo(args) => done(demo::run(args)),
         Command::Sample(args) => done(sample::run(args)),

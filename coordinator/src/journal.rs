@@ -1,6 +1,7 @@
 //! The journal: every accepted job and every transition, in an embedded `redb` database, so a
 //! restarted coordinator resumes its jobs where they were. A transition is checked by
-//! [`transition`] and written with the job's new state in one database transaction. Every
+//! [`transition`] and written with the job's new state in one database transaction; the
+//! transitions are the job's history, so a failed job's [`failed_in`] phase is read from them. Every
 //! job event is kept too (prost-encoded `JobEvent`s keyed by job and sequence), so a restarted
 //! coordinator's event logs go on from the sequence they reached.
 
@@ -194,8 +195,11 @@ impl Journal {
             };
             let to = transition(job.shape, job.state, &trigger)
                 .map_err(|source| JournalError::Transition { job: id, source })?;
-            if let Trigger::Fail { reason } = &trigger {
-                job.error = Some(reason.clone());
+            match &trigger {
+                Trigger::Fail { reason } => job.error = Some(reason.clone()),
+                // A resumed job is no longer failed: its old error stays in its history.
+                Trigger::Resume { .. } => job.error = None,
+                _ => {}
             }
             let record = TransitionRecord {
                 sequence: job.transitions,
@@ -325,6 +329,15 @@ impl Journal {
             source,
         }
     }
+}
+
+/// The phase a failed job failed in, from its `history` (its transitions in order): the state
+/// its newest transition, the one into `Failed`, came from. `None` if the job is not failed.
+pub fn failed_in(history: &[TransitionRecord]) -> Option<JobState> {
+    history
+        .last()
+        .filter(|t| t.to == JobState::Failed)
+        .map(|t| t.from)
 }
 
 /// Attaches the journal's path to any redb error.
@@ -461,6 +474,67 @@ mod tests {
             journal.job(a.id).unwrap().unwrap().state,
             JobState::Snapshot(0)
         );
+    }
+
+    #[test]
+    fn a_resumed_job_goes_back_to_the_phase_it_failed_in_across_a_reopen() {
+        let tmp = TempDb::new("resume");
+        let a = job("a", 1);
+        let fail = |reason: &str| Trigger::Fail {
+            reason: reason.into(),
+        };
+        {
+            let journal = Journal::open(&tmp.path()).unwrap();
+            journal.accept(&a).unwrap();
+            journal.apply(a.id, Trigger::Start, 2).unwrap();
+            assert_eq!(failed_in(&journal.transitions(a.id).unwrap()), None);
+            journal.apply(a.id, Trigger::Prepared, 3).unwrap();
+            journal
+                .apply(a.id, Trigger::Sampled { iteration: 0 }, 4)
+                .unwrap();
+            journal.apply(a.id, fail("disk full"), 5).unwrap();
+            let history = journal.transitions(a.id).unwrap();
+            let phase = failed_in(&history).unwrap();
+            assert_eq!(phase, JobState::Training(0));
+            let record = journal.apply(a.id, Trigger::Resume { phase }, 6).unwrap();
+            assert_eq!(
+                (record.from, record.to, record.sequence),
+                (JobState::Failed, JobState::Training(0), 4)
+            );
+        }
+        let journal = Journal::open(&tmp.path()).unwrap();
+        let job = journal.job(a.id).unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.error, job.transitions),
+            (JobState::Training(0), None, 5)
+        );
+        assert_eq!(journal.live_jobs().unwrap().len(), 1, "live again");
+        let history = journal.transitions(a.id).unwrap();
+        assert_eq!(
+            history[3].trigger,
+            fail("disk full"),
+            "the failure stays in the history"
+        );
+        assert_eq!(failed_in(&history), None, "no longer failed");
+        // Failing again, later: resuming goes back to the newer phase.
+        journal
+            .apply(a.id, Trigger::Trained { iteration: 0 }, 7)
+            .unwrap();
+        journal.apply(a.id, fail("disk full again"), 8).unwrap();
+        let phase = failed_in(&journal.transitions(a.id).unwrap());
+        assert_eq!(phase, Some(JobState::Snapshot(0)));
+        // A resume naming another phase than a legal one writes nothing.
+        let err = journal
+            .apply(
+                a.id,
+                Trigger::Resume {
+                    phase: JobState::Done,
+                },
+                9,
+            )
+            .unwrap_err();
+        assert!(matches!(err, JournalError::Transition { .. }), "{err}");
+        assert_eq!(journal.job(a.id).unwrap().unwrap().state, JobState::Failed);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The job state machine: pending, preparing, sampling k, training k, snapshot k, then done,
-//! failed or cancelled; [`transition`] is the only way a job changes state.
+//! failed or cancelled; a failed job can be resumed into the phase it failed in. [`transition`]
+//! is the only way a job changes state.
 
 use std::fmt;
 
@@ -88,6 +89,19 @@ pub enum Trigger {
     },
     /// A user asked the job to stop.
     Cancel,
+    /// A user asked a failed job to go on (`spinctl resume`) once the cause of its failure is
+    /// gone. The job re-enters `phase`, the phase it failed in (the `from` of its journaled
+    /// `Fail` transition, see [`crate::journal::failed_in`]), not a fresh start: that phase is
+    /// where the job's store says how far it got (the shards written, the newest verified
+    /// checkpoint, a published snapshot), and re-entering it is exactly how a restarted
+    /// coordinator goes on with a job it finds in that phase. An earlier phase would redo
+    /// work whose results are in the store, and training re-entered through the phase before
+    /// it would start over from step 0 instead of from the checkpoint. A job that failed while
+    /// pending goes back to pending.
+    Resume {
+        /// The phase the job failed in, which it re-enters.
+        phase: JobState,
+    },
 }
 
 impl Trigger {
@@ -101,6 +115,7 @@ impl Trigger {
             Self::SnapshotPublished { .. } => "snapshot published",
             Self::Fail { .. } => "fail",
             Self::Cancel => "cancel",
+            Self::Resume { .. } => "resume",
         }
     }
 }
@@ -146,8 +161,8 @@ pub enum TransitionError {
         /// The trigger refused.
         trigger: &'static str,
     },
-    /// The trigger belongs to another phase.
-    #[error("trigger `{trigger}` does not apply to a job that is {state}")]
+    /// The trigger belongs to another phase (`resume`: the job has not failed).
+    #[error("trigger `{trigger}` does not apply to a job that is {state}{}", hint(trigger, *state))]
     Illegal {
         /// The job's state.
         state: JobState,
@@ -166,6 +181,15 @@ pub enum TransitionError {
     },
 }
 
+/// What a refusal of `trigger` on a job in `state` adds to say what would be accepted.
+fn hint(trigger: &str, state: JobState) -> &'static str {
+    if trigger == "resume" && state != JobState::Failed {
+        " (only a failed job can be resumed)"
+    } else {
+        ""
+    }
+}
+
 /// The state after `trigger` hits a job of `shape` in `state`.
 pub fn transition(
     shape: JobShape,
@@ -174,6 +198,9 @@ pub fn transition(
 ) -> Result<JobState, TransitionError> {
     use JobState as S;
     let name = trigger.name();
+    if let Trigger::Resume { phase } = trigger {
+        return resume(shape, state, *phase);
+    }
     if state.is_terminal() {
         return Err(TransitionError::Finished {
             state,
@@ -205,6 +232,28 @@ pub fn transition(
             state,
             trigger: name,
         }),
+    }
+}
+
+/// `Resume { phase }` on a job of `shape` in `state`: only a failed job goes back, and only
+/// into a live phase of its own plan (a journal's `Fail` always comes from one).
+fn resume(shape: JobShape, state: JobState, phase: JobState) -> Result<JobState, TransitionError> {
+    let trigger = "resume";
+    if state != JobState::Failed || phase.is_terminal() {
+        return Err(TransitionError::Illegal { state, trigger });
+    }
+    match phase {
+        JobState::Sampling(_) if !shape.self_play => {
+            Err(TransitionError::Illegal { state, trigger })
+        }
+        _ => match phase.iteration() {
+            Some(k) if k >= shape.iterations => Err(TransitionError::WrongIteration {
+                state,
+                trigger,
+                got: k,
+            }),
+            _ => Ok(phase),
+        },
     }
 }
 
@@ -364,11 +413,126 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_job_resumes_into_the_phase_it_failed_in_and_goes_on_from_there() {
+        let fail = Trigger::Fail {
+            reason: "no space left on device".into(),
+        };
+        for (shape, phase) in [
+            (SPIN2, S::Pending),
+            (SPIN2, S::Preparing),
+            (SPIN2, S::Sampling(1)),
+            (SPIN2, S::Training(0)),
+            (SPIN2, S::Snapshot(1)),
+            (SFT1, S::Training(0)),
+        ] {
+            let failed = transition(shape, phase, &fail).unwrap();
+            let back = transition(shape, failed, &Trigger::Resume { phase }).unwrap();
+            assert_eq!(back, phase, "{phase}");
+        }
+        // The resumed job walks on as if it had never failed, and may fail again.
+        let state = transition(
+            SPIN2,
+            S::Failed,
+            &Trigger::Resume {
+                phase: S::Training(1),
+            },
+        );
+        let state = transition(SPIN2, state.unwrap(), &Trigger::Trained { iteration: 1 });
+        assert_eq!(state, Ok(S::Snapshot(1)));
+        let state = transition(
+            SPIN2,
+            S::Snapshot(1),
+            &Trigger::SnapshotPublished { iteration: 1 },
+        );
+        assert_eq!(state, Ok(S::Done));
+        assert_eq!(transition(SPIN2, S::Training(1), &fail), Ok(S::Failed));
+    }
+
+    #[test]
+    fn only_a_failed_job_resumes_and_the_refusal_names_its_phase() {
+        let resume = Trigger::Resume {
+            phase: S::Training(0),
+        };
+        for state in [
+            S::Done,
+            S::Cancelled,
+            S::Pending,
+            S::Training(0),
+            S::Snapshot(1),
+        ] {
+            let err = transition(SPIN2, state, &resume).unwrap_err();
+            assert_eq!(
+                err,
+                TransitionError::Illegal {
+                    state,
+                    trigger: "resume"
+                }
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("a job that is {state}"))
+                    && message.contains("only a failed job can be resumed"),
+                "{message}"
+            );
+        }
+        assert_eq!(
+            transition(SPIN2, S::Cancelled, &resume)
+                .unwrap_err()
+                .to_string(),
+            "trigger `resume` does not apply to a job that is cancelled (only a failed job can \
+             be resumed)"
+        );
+    }
+
+    #[test]
+    fn a_failed_job_resumes_only_into_a_live_phase_of_its_plan() {
+        for phase in [S::Failed, S::Done, S::Cancelled] {
+            let err = transition(SPIN2, S::Failed, &Trigger::Resume { phase }).unwrap_err();
+            assert!(matches!(err, TransitionError::Illegal { .. }), "{err}");
+        }
+        let err = transition(
+            SFT1,
+            S::Failed,
+            &Trigger::Resume {
+                phase: S::Sampling(0),
+            },
+        );
+        assert!(
+            matches!(err, Err(TransitionError::Illegal { .. })),
+            "{err:?}"
+        );
+        let err = transition(
+            SPIN2,
+            S::Failed,
+            &Trigger::Resume {
+                phase: S::Training(2),
+            },
+        );
+        assert_eq!(
+            err,
+            Err(TransitionError::WrongIteration {
+                state: S::Failed,
+                trigger: "resume",
+                got: 2
+            })
+        );
+    }
+
+    #[test]
     fn states_serialize_readably() {
         let json = serde_json::to_string(&S::Sampling(3)).unwrap();
         assert_eq!(json, r#"{"phase":"sampling","iteration":3}"#);
         assert_eq!(serde_json::from_str::<S>(&json).unwrap(), S::Sampling(3));
         let json = serde_json::to_string(&S::Done).unwrap();
         assert_eq!(serde_json::from_str::<S>(&json).unwrap(), S::Done);
+        let resume = Trigger::Resume {
+            phase: S::Training(1),
+        };
+        let json = serde_json::to_string(&resume).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"resume","phase":{"phase":"training","iteration":1}}"#
+        );
+        assert_eq!(serde_json::from_str::<Trigger>(&json).unwrap(), resume);
     }
 }

@@ -1,6 +1,7 @@
-//! Jobs: submitting (journaled as pending), reading their status, cancelling and watching
-//! them, and starting the next one (or resuming one a restart interrupted) with its shard
-//! plan, or restarting training from the store when every replica was lost.
+//! Jobs: submitting (journaled as pending), reading their status, cancelling, resuming (a
+//! failed one, on request) and watching them, and starting the next one (or resuming one a
+//! restart interrupted or a request resumed) with its shard plan, or restarting training from
+//! the store when every replica was lost.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +14,7 @@ use spin_common::shards::PlanError;
 use spin_common::spec::{JobSpec, SubmittedSpecError};
 use spin_common::store::StoreError;
 use v1::coordinator_message::Message as Down;
+use v1::job_event::Event;
 
 use super::saving::{push_transition, submitted_event};
 use super::{now_ms, Coordinator, State, Watch, CANCELLED};
@@ -20,8 +22,8 @@ use crate::dispatch::resume::{self, Found};
 use crate::dispatch::{JobRun, Plan};
 use crate::error::ServiceError;
 use crate::events::EventLog;
-use crate::journal::{JobRecord, TransitionRecord};
-use crate::state::{JobShape, JobState, Trigger};
+use crate::journal::{failed_in, JobRecord, JournalError, TransitionRecord};
+use crate::state::{JobShape, JobState, TransitionError, Trigger};
 
 /// Why a job cannot run: its spec, dataset, store directory or shard plan.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,17 @@ pub(super) enum PrepareError {
     Store(StoreError),
     #[error("shard plan (sampling.shard_size): {0}")]
     Plan(PlanError),
+}
+
+/// What resuming a failed job did ([`Coordinator::resume`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    /// The phase the job is back in: the one it failed in.
+    pub phase: JobState,
+    /// The sequence number of the job's first event after the resume (its phase change).
+    pub from_sequence: u64,
+    /// The job running now if another one is: the resumed one starts once it ends.
+    pub behind: Option<JobId>,
 }
 
 impl Coordinator {
@@ -90,6 +103,66 @@ impl Coordinator {
         Ok(record.to)
     }
 
+    /// Resumes failed job `id`, asked for by `by` (who or what asked, for its event), once the
+    /// cause of its failure is gone.
+    ///
+    /// The job goes back to the phase it failed in (the `from` of its journaled transition
+    /// into failed; see [`Trigger::Resume`] for why that phase and not an earlier one): the
+    /// transition is journaled, so a coordinator restarted from here on goes on with the job
+    /// as with any job it finds in that phase, and an event says who resumed it and from
+    /// what. The job then starts the way a restarted coordinator starts a job it finds
+    /// interrupted ([`Coordinator::start_next`]): its shards found written in the store are
+    /// done, training goes on after the newest verified checkpoint, a verified snapshot is
+    /// published, and every worker loads the weights from the store. That happens now if no
+    /// other job runs and `min_workers` workers are connected, else at a later tick: a resumed
+    /// job waits for the running one to end, and then starts before the pending ones (as an
+    /// interrupted job does). If the cause is still there, the job fails again, saying why.
+    ///
+    /// Refused for an unknown job, and for a job that is not failed (done, cancelled, pending
+    /// or running), naming its phase.
+    pub fn resume(&self, id: JobId, by: &str) -> Result<Resumed, ServiceError> {
+        let mut state = self.lock();
+        let job = state.journal.job(id)?.ok_or(ServiceError::UnknownJob(id))?;
+        if job.state != JobState::Failed {
+            return Err(ServiceError::Journal(JournalError::Transition {
+                job: id,
+                source: TransitionError::Illegal {
+                    state: job.state,
+                    trigger: "resume",
+                },
+            }));
+        }
+        let phase = failed_in(&state.journal.transitions(id)?).ok_or_else(|| {
+            ServiceError::Internal(format!(
+                "job {id} is failed but its journal holds no transition into failed"
+            ))
+        })?;
+        let from_sequence = state.events.get(&id).map_or(0, EventLog::next_sequence);
+        state.apply(&job, Trigger::Resume { phase })?;
+        let behind = state.active_job();
+        let error = job.error.as_deref().unwrap_or("no reason recorded");
+        let then = match behind {
+            Some(other) => format!("it starts once job {other} ends"),
+            None => "it starts as soon as enough workers are connected".to_string(),
+        };
+        let message = format!(
+            "job resumed by {by} after it failed in {phase} ({error}): it goes on in {phase} \
+             from what its store holds; {then}"
+        );
+        if let Some(log) = state.events.get_mut(&id) {
+            log.push(now_ms(), Event::Warning(v1::Warning { message }));
+        }
+        drop(state);
+        tracing::info!(job = %id, %phase, %by, "failed job resumed");
+        self.start_next(Instant::now());
+        self.save_events();
+        Ok(Resumed {
+            phase,
+            from_sequence,
+            behind,
+        })
+    }
+
     /// Starts watching job `id` from event `from`.
     pub fn watch(&self, id: JobId, from: u64) -> Result<Watch, ServiceError> {
         let state = self.lock();
@@ -139,9 +212,9 @@ impl Coordinator {
         state.drive(actions, now);
     }
 
-    /// Starts the oldest pending job, or resumes a job a restart interrupted, when it may
-    /// start. The dataset and the store are read without the lock held; the job starts only
-    /// if nothing changed meanwhile.
+    /// Starts the oldest pending job, or resumes a job a restart interrupted or a request
+    /// resumed (one neither pending nor ended), when it may start. The dataset and the store
+    /// are read without the lock held; the job starts only if nothing changed meanwhile.
     pub(super) fn start_next(&self, now: Instant) {
         let min_workers = self.shared.config.min_workers;
         let job = match self.lock().startable(min_workers) {

@@ -1,4 +1,5 @@
-//! Going on with a job from what its store holds: after a coordinator restart the job
+//! Going on with a job from what its store holds: after a coordinator restart, or when a
+//! failed job is resumed on request (`ResumeJob`, back into the phase it failed in), the job
 //! re-enters its journaled phase ([`JobRun::resume`](super::JobRun::resume)), and after every
 //! replica of a ring was lost, training goes on from the latest verified checkpoint
 //! ([`JobRun::restore`](super::JobRun::restore)). [`survey`] and [`survey_training`] read the

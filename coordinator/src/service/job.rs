@@ -1,4 +1,4 @@
-//! `JobService`: submit, get, list, cancel and watch jobs, for `spinctl`.
+//! `JobService`: submit, get, list, cancel, resume and watch jobs, for `spinctl`.
 
 use spin_common::ids::JobId;
 use spin_common::proto::{parse_id, v1};
@@ -29,6 +29,15 @@ pub fn parse_spec(text: &str) -> Result<JobSpec, ServiceError> {
 fn job_id(field: &'static str, value: &str) -> Result<JobId, ServiceError> {
     non_empty(field, value)?;
     Ok(parse_id(field, value)?)
+}
+
+/// Who made `request`, for the events of what it changed: the call and the client's address
+/// (callers share the one API token, so the address is what tells them apart).
+fn requester<T>(call: &str, request: &Request<T>) -> String {
+    match request.remote_addr() {
+        Some(addr) => format!("a {call} request from {addr}"),
+        None => format!("a {call} request"),
+    }
 }
 
 /// The `spin.v1.JobService` implementation: only a handle on the coordinator.
@@ -86,6 +95,21 @@ impl v1::job_service_server::JobService for JobApi {
         let state = blocking(move || c.cancel(id)).await?;
         Ok(Response::new(v1::CancelJobResponse {
             phase: Some(state.into()),
+        }))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<v1::ResumeJobRequest>,
+    ) -> Result<Response<v1::ResumeJobResponse>, Status> {
+        let by = requester("ResumeJob", &request);
+        let id = job_id("ResumeJobRequest.job_id", &request.into_inner().job_id)?;
+        let c = self.coordinator.clone();
+        let resumed = blocking(move || c.resume(id, &by)).await?;
+        Ok(Response::new(v1::ResumeJobResponse {
+            phase: Some(resumed.phase.into()),
+            from_sequence: resumed.from_sequence,
+            running_job_id: resumed.behind.map(|j| j.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -160,14 +184,16 @@ impl Feed {
     }
 
     /// Sends the events the watcher has not seen; stops after the job's last event or when
-    /// the client left.
+    /// the client left. A final event followed by more (the job failed, then was resumed) is
+    /// not the last: the feed goes on with the resumed run.
     async fn send_all(&mut self, events: Vec<v1::JobEvent>) -> Flow {
-        for event in events {
+        let count = events.len();
+        for (i, event) in events.into_iter().enumerate() {
             if event.sequence < self.next {
                 continue;
             }
             self.next = event.sequence + 1;
-            let last = is_final(&event);
+            let last = is_final(&event) && i + 1 == count;
             if self.tx.send(Ok(event)).await.is_err() {
                 // The client left.
                 return Flow::Stop;
