@@ -193,8 +193,12 @@ impl JobRunner {
             self.position = Some(Position::at(k, step + 1));
             let every = self.spec.training.checkpoint_every;
             if policy::checkpoint_due(step, steps, every) && self.writes_checkpoints {
+                // The store has already retried what waiting may cure (a full disk): the
+                // job fails here naming the path, rather than training on without the
+                // checkpoint a snapshot or a resume would need. `spinctl resume` goes on from
+                // the last one written once the cause is gone.
                 self.write_checkpoint(k, step)
-                    .map_err(|e| fail(e, completed, true))?;
+                    .map_err(|e| fail(e, completed, false))?;
             }
         }
         if last + 1 == steps {
