@@ -92,11 +92,19 @@ pub fn job_status(
     }
 }
 
-/// The name of the `attempt`-th ring `job` formed (counted over the whole job), in iteration
-/// `iteration` at membership generation `generation`: every ring formed gets a new name, so
-/// chunks of an older ring are never mixed in.
-pub fn collective_id(job: JobId, iteration: u32, generation: u64, attempt: u64) -> String {
-    format!("{job}/iteration-{iteration}/ring-{generation}-{attempt}")
+/// The name of the `attempt`-th ring run `run` of `job` formed, in iteration `iteration` at
+/// membership generation `generation`: every ring formed gets a new name, so chunks of an
+/// older ring are never mixed in. `run` tells apart the runs of one job (a coordinator
+/// restart or a resume starts a new one, whose counts start again), so a worker that took
+/// part in an earlier run's ring never sees its id again.
+pub fn collective_id(
+    job: JobId,
+    run: u32,
+    iteration: u32,
+    generation: u64,
+    attempt: u64,
+) -> String {
+    format!("{job}/run-{run:08x}/iteration-{iteration}/ring-{generation}-{attempt}")
 }
 
 /// The training task of `worker` in `ring` (named `collective_id`) for steps
@@ -172,9 +180,10 @@ mod tests {
         m.remove(ids[0]).unwrap();
         let ring = m.ring();
         let job = JobId::new();
-        let id = collective_id(job, 1, ring.generation, 7);
-        assert_eq!(id, format!("{job}/iteration-1/ring-4-7"));
-        assert_ne!(id, collective_id(job, 1, ring.generation, 8));
+        let id = collective_id(job, 0xab, 1, ring.generation, 7);
+        assert_eq!(id, format!("{job}/run-000000ab/iteration-1/ring-4-7"));
+        assert_ne!(id, collective_id(job, 0xab, 1, ring.generation, 8));
+        assert_ne!(id, collective_id(job, 0xac, 1, ring.generation, 7));
         let secret = Token::random();
         let task = train_task(&ring, &id, &secret, ids[2], 1, 0, 99).unwrap();
         assert_eq!(task.secret, secret);

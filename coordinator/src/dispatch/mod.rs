@@ -130,6 +130,9 @@ enum Work {
 #[derive(Debug)]
 struct Tasks {
     job: JobId,
+    /// Random, per `JobRun`: names its rings apart from an earlier run's (see
+    /// [`collective_id`](crate::convert::collective_id)).
+    run: u32,
     sent: u64,
     in_flight: HashMap<WorkerId, (String, Work)>,
 }
@@ -204,6 +207,7 @@ impl JobRun {
             phase: Phase::Idle,
             tasks: Tasks {
                 job,
+                run: rand::random(),
                 sent: 0,
                 in_flight: HashMap::new(),
             },

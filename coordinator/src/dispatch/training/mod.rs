@@ -169,7 +169,7 @@ impl Training {
             generation,
             members: form_ring(eligible),
         };
-        let id = collective_id(tasks.job, self.iteration, generation, ordinal);
+        let id = collective_id(tasks.job, tasks.run, self.iteration, generation, ordinal);
         let (first, last) = (self.next_step, self.steps - 1);
         // Known to the ring's members alone: their inboxes accept only streams that carry it.
         let secret = Token::random();
