@@ -120,7 +120,7 @@ async fn a_job_interrupted_in_training_resumes_from_its_checkpoint_after_a_resta
     );
     let warned = warnings(&events);
     assert!(
-        warned.iter().any(|w| w.contains("coordinator restarted")
+        warned.iter().any(|w| w.contains("goes on from its store")
             && w.contains("resuming from step 2")
             && w.contains("step-00000001")),
         "{warned:?}"

@@ -154,17 +154,24 @@ impl<'a, W: Write> Watcher<'a, W> {
             .await?
             .into_inner();
         let limit = Instant::now() + self.opts.show_limit;
+        // The outcome of the last event read, if it was a final one. A final event is the end
+        // only if nothing follows it: a failed job that was resumed goes on after its failure,
+        // and the coordinator closes the stream after the real last event.
+        let mut last_final: Option<Outcome> = None;
         loop {
             let message = if bounded {
                 let deadline = limit.min(Instant::now() + self.opts.quiet);
                 match tokio::time::timeout_at(deadline, stream.message()).await {
                     Ok(message) => message,
-                    Err(_) => return Ok(ended),
+                    Err(_) => return Ok(last_final.or(ended)),
                 }
             } else {
                 stream.message().await
             };
             let Some(event) = message? else {
+                if last_final.is_some() {
+                    return Ok(last_final);
+                }
                 // Closed without a final event: the coordinator went away between events.
                 return if bounded {
                     Ok(ended)
@@ -176,9 +183,7 @@ impl<'a, W: Write> Watcher<'a, W> {
             self.received += 1;
             let text = self.renderer.render(&event);
             self.write(&text).map_err(Broken::Write)?;
-            if let Some(outcome) = Outcome::of_event(&event) {
-                return Ok(Some(outcome));
-            }
+            last_final = Outcome::of_event(&event);
         }
     }
 

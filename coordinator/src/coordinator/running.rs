@@ -163,7 +163,7 @@ impl State {
             Ok(run) => run,
             Err(reason) => {
                 let reason = format!(
-                    "the job cannot be resumed in {} after a coordinator restart: {reason}",
+                    "the job cannot go on in {} (after a coordinator restart or a resume): {reason}",
                     job.state
                 );
                 tracing::warn!(job = %job.id, %reason, "job cannot resume");

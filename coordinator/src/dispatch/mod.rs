@@ -281,7 +281,7 @@ impl JobRun {
         match (&mut self.phase, found) {
             (Phase::Shards(p), Found::Shards { done }) => {
                 actions.push(warning(format!(
-                    "the coordinator restarted; resuming {state}: {} of {} shard(s) found written \
+                    "resuming {state} from the store (a coordinator restart or a resume): {} of {} shard(s) found written \
                      in the store, the others are handed out again",
                     done.len(),
                     p.total()
@@ -308,12 +308,12 @@ impl JobRun {
                         actions.push(Action::Apply(Trigger::SnapshotPublished { iteration: k }));
                     }
                     Err(None) => actions.push(warning(format!(
-                        "the coordinator restarted; resuming {state}: {} is written from the \
+                        "resuming {state} from the store (a coordinator restart or a resume): {} is written from the \
                          iteration's last checkpoint",
                         dir.display()
                     ))),
                     Err(Some(reason)) => actions.push(warning(format!(
-                        "the coordinator restarted; resuming {state}: {} does not verify and is \
+                        "resuming {state} from the store (a coordinator restart or a resume): {} does not verify and is \
                          written again from the iteration's last checkpoint: {reason}",
                         dir.display()
                     ))),

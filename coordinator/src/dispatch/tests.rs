@@ -708,7 +708,7 @@ fn a_job_resumed_in_training_forms_its_ring_from_the_checkpoint() {
     let actions = run.resume(JobState::Training(0), Found::Training(point(Some(1), &[])));
     let warned = warnings(&actions);
     assert!(
-        warned[0].contains("coordinator restarted") && warned[0].contains("step 2"),
+        warned[0].contains("goes on from its store") && warned[0].contains("step 2"),
         "{warned:?}"
     );
     assert!(triggers(&actions).is_empty());
