@@ -107,7 +107,10 @@ impl Training {
         point: &TrainingPoint,
     ) -> (Self, Vec<Action>) {
         let mut training = Self::new(iteration, steps);
-        let actions = training.go_on_from(point, "the job goes on from its store (a coordinator restart or a resume)");
+        let actions = training.go_on_from(
+            point,
+            "the job goes on from its store (a coordinator restart or a resume)",
+        );
         (training, actions)
     }
 
