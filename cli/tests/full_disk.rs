@@ -110,48 +110,31 @@ fn watch(
     mut on_warning: impl FnMut(&str),
 ) -> Seen {
     let deadline = Instant::now() + limit;
-    runtime.block_on(async {
-        let mut seen = Seen::default();
-        let mut client = spin_cli::client::connect(url).await.unwrap();
-        let request = v1::WatchJobRequest {
-            job_id: job.to_string(),
-            from_sequence: from,
-        };
-        let mut stream = client.watch_job(request).await.unwrap().into_inner();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = tokio::time::timeout(left, stream.message())
-                .await
-                .expect("the job did not end in time")
-                .unwrap();
-            let Some(event) = event else {
-                seen.outcome = "stream ended".into();
-                return seen;
-            };
-            seen.last = event.sequence;
-            match event.event {
-                Some(Event::Step(m)) => on_step(m.step),
-                Some(Event::Warning(w)) => {
-                    println!("warning: {}", w.message);
-                    on_warning(&w.message);
-                    seen.warnings.push(w.message);
-                }
-                Some(Event::Done(_)) => {
-                    seen.outcome = "done".into();
-                    return seen;
-                }
-                Some(Event::Failed(f)) => {
-                    seen.outcome = format!("failed: {}", f.error);
-                    return seen;
-                }
-                Some(Event::Cancelled(_)) => {
-                    seen.outcome = "cancelled".into();
-                    return seen;
-                }
-                _ => {}
+    let events = runtime.block_on(process::follow(url, job, from, deadline, |event| {
+        match &event.event {
+            Some(Event::Step(m)) => on_step(m.step),
+            Some(Event::Warning(w)) => {
+                println!("warning: {}", w.message);
+                on_warning(&w.message);
             }
+            _ => {}
         }
-    })
+        false
+    }));
+    Seen {
+        warnings: events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Some(Event::Warning(w)) => Some(w.message.clone()),
+                _ => None,
+            })
+            .collect(),
+        outcome: events
+            .last()
+            .and_then(process::outcome)
+            .unwrap_or_else(|| "stream ended".into()),
+        last: events.last().map_or(from, |e| e.sequence),
+    }
 }
 
 #[test]

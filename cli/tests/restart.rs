@@ -40,48 +40,21 @@ async fn watch_until(
     warnings: &mut Vec<String>,
     deadline: Instant,
 ) -> Option<String> {
-    let mut client = loop {
-        match spin_cli::client::connect(url).await {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("coordinator unreachable: {e}"),
+    let seen = process::follow(url, job, 0, deadline, |event| {
+        match (&event.event, stop_at) {
+            (Some(v1::job_event::Event::Step(m)), Some((k, s))) => m.iteration == k && m.step >= s,
+            _ => false,
         }
-    };
-    let mut stream = client
-        .watch_job(v1::WatchJobRequest {
-            job_id: job.to_string(),
-            from_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = tokio::time::timeout(left, stream.message())
-            .await
-            .expect("no end in time")
-            .unwrap()?;
-        match event.event {
-            Some(v1::job_event::Event::Step(m)) => {
-                if let Some((k, s)) = stop_at {
-                    if m.iteration == k && m.step >= s {
-                        return None;
-                    }
-                }
+    })
+    .await;
+    for event in &seen {
+        if let Some(v1::job_event::Event::Warning(w)) = &event.event {
+            if !warnings.contains(&w.message) {
+                warnings.push(w.message.clone());
             }
-            Some(v1::job_event::Event::Warning(w)) => {
-                if !warnings.contains(&w.message) {
-                    warnings.push(w.message);
-                }
-            }
-            Some(v1::job_event::Event::Done(_)) => return Some("done".into()),
-            Some(v1::job_event::Event::Failed(f)) => return Some(format!("failed: {}", f.error)),
-            Some(v1::job_event::Event::Cancelled(_)) => return Some("cancelled".into()),
-            _ => {}
         }
     }
+    seen.last().and_then(process::outcome)
 }
 
 fn newest_checkpoint(job_dir: &Path, k: u32) -> PathBuf {

@@ -42,44 +42,11 @@ async fn events(
     stop_at: Option<(u32, u64)>,
     deadline: Instant,
 ) -> Vec<Event> {
-    let mut client = loop {
-        match spin_cli::client::connect(url).await {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("coordinator unreachable: {e}"),
-        }
-    };
-    let mut stream = client
-        .watch_job(v1::WatchJobRequest {
-            job_id: job.to_string(),
-            from_sequence: from,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some(event) = tokio::time::timeout(left, stream.message())
-            .await
-            .expect("no end in time")
-            .unwrap()
-        else {
-            return seen;
-        };
-        let event = event.event.unwrap();
-        let stop = match (&event, stop_at) {
-            (Event::Step(m), Some((k, step))) => m.iteration == k && m.step >= step,
-            (Event::Done(_) | Event::Failed(_) | Event::Cancelled(_), _) => true,
-            _ => false,
-        };
-        seen.push(event);
-        if stop {
-            return seen;
-        }
-    }
+    let seen = process::follow(url, job, from, deadline, |event| {
+        matches!((&event.event, stop_at), (Some(Event::Step(m)), Some((k, step))) if m.iteration == k && m.step >= step)
+    })
+    .await;
+    seen.into_iter().filter_map(|e| e.event).collect()
 }
 
 fn warnings(events: &[Event]) -> Vec<String> {

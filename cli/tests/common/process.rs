@@ -149,3 +149,59 @@ pub fn cluster_logs(dir: &Path, workers: usize) -> String {
     }
     text
 }
+
+/// How job event `event` ends the job, if it does: "done", "failed: REASON" or "cancelled".
+pub fn outcome(event: &spin_common::proto::v1::JobEvent) -> Option<String> {
+    use spin_common::proto::v1::job_event::Event;
+    match &event.event {
+        Some(Event::Done(_)) => Some("done".into()),
+        Some(Event::Failed(f)) => Some(format!("failed: {}", f.error)),
+        Some(Event::Cancelled(_)) => Some("cancelled".into()),
+        _ => None,
+    }
+}
+
+/// Follows job `job` at `url` from event `from` (connecting again until `deadline` while the
+/// coordinator is not up yet), handing each event to `on`, until `on` says stop (true), a
+/// final event, or the stream's end. Returns the events seen; panics at `deadline`.
+pub async fn follow(
+    url: &str,
+    job: &str,
+    from: u64,
+    deadline: Instant,
+    mut on: impl FnMut(&spin_common::proto::v1::JobEvent) -> bool,
+) -> Vec<spin_common::proto::v1::JobEvent> {
+    let mut client = loop {
+        match spin_cli::client::connect(url).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("coordinator unreachable: {e}"),
+        }
+    };
+    let mut stream = client
+        .watch_job(spin_common::proto::v1::WatchJobRequest {
+            job_id: job.to_string(),
+            from_sequence: from,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(event) = tokio::time::timeout(left, stream.message())
+            .await
+            .expect("the job did not get there in time")
+            .unwrap()
+        else {
+            return seen;
+        };
+        let stop = on(&event) || outcome(&event).is_some();
+        seen.push(event);
+        if stop {
+            return seen;
+        }
+    }
+}
