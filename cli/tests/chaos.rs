@@ -1,7 +1,7 @@
 //! Chaos: a 3-worker job whose workers are killed with SIGKILL at random steps (and started
 //! again) completes, and its final UNet is within 1e-5 relative L2 of the same job run
 //! without kills (the in-process loop: the same global batch, so the same math up to float
-//! summation order). `SPIN_CHAOS_KILLS` (default 5) sets how many kills; the long run is
+//! summation order). `SPIN_CHAOS_KILLS` (default 3) sets how many kills; the long run is
 //! `SPIN_CHAOS_KILLS=20 cargo test -p spinctl --test chaos -- --nocapture`.
 
 #![allow(clippy::unwrap_used)]
@@ -22,7 +22,7 @@ fn a_job_survives_workers_killed_at_random_steps() {
     let kills: usize = std::env::var("SPIN_CHAOS_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(3);
     let seed: u64 = std::env::var("SPIN_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
