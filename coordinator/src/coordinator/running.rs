@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::v1;
-use spin_common::store::{layout, FenceRecord, Store};
+use spin_common::store::{layout, FenceRecord, Retry, Store};
 use spin_common::task::Task;
 use tokio::sync::mpsc::error::TrySendError;
 use v1::coordinator_message::Message as Down;
@@ -98,8 +98,13 @@ impl State {
         let written = serde_json::to_vec_pretty(&record)
             .map_err(|e| e.to_string())
             .and_then(|text| {
+                // No retry with backoff here: the state lock is held.
+                let once = Retry {
+                    attempts: 1,
+                    ..Retry::default()
+                };
                 Store::open(&dir.display().to_string())
-                    .and_then(|store| store.put(&layout::fence(), &text))
+                    .and_then(|store| store.with_retry(once).put(&layout::fence(), &text))
                     .map_err(|e| e.to_string())
             });
         match written {
