@@ -83,17 +83,7 @@ fn restart_mid_training(name: &str, damage_newest_checkpoint: bool) {
         .collect();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
-    let job = runtime.block_on(async {
-        let mut client = spin_cli::client::connect(&url).await.unwrap();
-        client
-            .submit_job(v1::SubmitJobRequest {
-                spec_toml: spec_text.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id
-    });
+    let job = process::submit(&runtime, &url, &spec_text);
     let mut warnings = Vec::new();
     let early = runtime.block_on(watch_until(
         &url,

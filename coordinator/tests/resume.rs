@@ -289,15 +289,8 @@ async fn a_resume_is_journaled_retried_while_the_cause_remains_and_survives_a_re
             .any(|w| w.contains("resuming from step 2 of 4") && w.contains("step-00000001")),
         "{events:?}"
     );
-    let shape = |s: &v1::TrainSteps| (s.first_step, s.last_step, s.rank, s.world);
-    assert_eq!(
-        trains(&e.tasks()).iter().map(shape).collect::<Vec<_>>(),
-        [(2, 3, 0, 2)]
-    );
-    assert_eq!(
-        trains(&f.tasks()).iter().map(shape).collect::<Vec<_>>(),
-        [(2, 3, 1, 2)]
-    );
+    assert_eq!(train_ranks(&e.tasks()), [(2, 3, 0, 2)]);
+    assert_eq!(train_ranks(&f.tasks()), [(2, 3, 1, 2)]);
     let all = bare(&job_events_until_end(&mut jobs, &id, 0).await);
     let resumes = warnings(&all)
         .iter()

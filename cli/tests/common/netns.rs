@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::process::{wait_for_file, Guard};
+use super::process::{log_file, wait_for_file, Guard};
 
 /// The coordinator's port in its namespace (each namespace has its own ports).
 pub const COORDINATOR_PORT: u16 = 7070;
@@ -167,17 +167,22 @@ impl Net {
         Ok(())
     }
 
+    /// A veth pair `<stem>o` (here, removed on drop) and `<stem>i` (in namespace `ns`).
+    fn veth(&mut self, stem: &str, ns: &str) -> Result<(String, String), String> {
+        let (outer, inner) = (format!("{stem}o"), format!("{stem}i"));
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", ns,
+        ])?;
+        self.links.push(outer.clone());
+        Ok((outer, inner))
+    }
+
     /// A namespace `spin-<tag>-<name>` at 10.213.<subnet>.<octet> on the bridge.
     fn host(&mut self, name: &str, octet: u8) -> Result<Host, String> {
         let ns = format!("spin-{}-{name}", self.tag);
         ip(&["netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
-        let outer = format!("{}{name}o", self.tag);
-        let inner = format!("{}{name}i", self.tag);
-        ip(&[
-            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &ns,
-        ])?;
-        self.links.push(outer.clone());
+        let (outer, inner) = self.veth(&format!("{}{name}", self.tag), &ns)?;
         ip(&[
             "link",
             "set",
@@ -204,12 +209,7 @@ impl Net {
     /// The root namespace's own link to the coordinator: 10.214.<subnet>.1 here, .2 there.
     fn management_link(&mut self) -> Result<(), String> {
         let ns = self.coordinator_host().ns.clone();
-        let outer = format!("{}mo", self.tag);
-        let inner = format!("{}mi", self.tag);
-        ip(&[
-            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &ns,
-        ])?;
-        self.links.push(outer.clone());
+        let (outer, inner) = self.veth(&format!("{}m", self.tag), &ns)?;
         ip(&[
             "addr",
             "add",
@@ -362,14 +362,6 @@ impl Net {
             .unwrap();
         Guard(child)
     }
-}
-
-fn log_file(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(name))
-        .unwrap()
 }
 
 impl Drop for Net {

@@ -58,7 +58,8 @@ pub fn spinctl(url: &str) -> Command {
     c
 }
 
-fn log_file(dir: &Path, name: &str) -> std::fs::File {
+/// `dir/name`, opened for appending (a daemon's stderr).
+pub fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -561,6 +561,14 @@ pub fn samples(tasks: &[v1::Task], k: u32) -> Vec<v1::SampleShard> {
         .collect()
 }
 
+/// The (first step, last step, rank, world) of each train task in `tasks`.
+pub fn train_ranks(tasks: &[v1::Task]) -> Vec<(u64, u64, u32, u32)> {
+    trains(tasks)
+        .iter()
+        .map(|s| (s.first_step, s.last_step, s.rank, s.world))
+        .collect()
+}
+
 pub fn trains(tasks: &[v1::Task]) -> Vec<v1::TrainSteps> {
     tasks
         .iter()
