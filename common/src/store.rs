@@ -169,6 +169,14 @@ pub struct FenceRecord {
     pub writers: Vec<String>,
 }
 
+impl FenceRecord {
+    /// The fence at `path`; `None` if absent or unreadable.
+    pub fn read(path: &Path) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
 /// A store rooted at a local directory.
 #[derive(Clone)]
 pub struct Store {
@@ -300,12 +308,10 @@ impl Store {
         let Some(fence) = &self.fence else {
             return Ok(());
         };
-        let record = std::fs::read(&fence.file)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<FenceRecord>(&bytes).ok());
+        let record = FenceRecord::read(&fence.file);
         if record
             .as_ref()
-            .is_some_and(|r| r.writers.iter().any(|w| *w == fence.writer))
+            .is_some_and(|r| r.writers.contains(&fence.writer))
         {
             return Ok(());
         }

@@ -189,10 +189,8 @@ impl State {
     /// with a session; returns the dispatcher's actions for workers that could not take it.
     fn activate(&mut self, job: &JobRecord, run: JobRun) -> Vec<Action> {
         // The fence's generation goes on from what an earlier coordinator wrote.
-        let fence_generation = std::fs::read(run.job_dir().join(layout::fence()))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<FenceRecord>(&bytes).ok())
-            .map_or(0, |f| f.generation);
+        let fence_generation =
+            FenceRecord::read(&run.job_dir().join(layout::fence())).map_or(0, |f| f.generation);
         self.active = Some(Active {
             run,
             spec_toml: job.spec_toml.clone(),

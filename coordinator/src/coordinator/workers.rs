@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{MutexGuard, PoisonError};
 use std::time::Instant;
 
-use spin_common::ids::WorkerId;
+use spin_common::ids::{JobId, WorkerId};
 use spin_common::proto::v1;
 use tokio::sync::mpsc;
 use v1::job_event::Event;
@@ -211,20 +211,10 @@ impl Coordinator {
         session: u64,
         metrics: v1::StepMetrics,
     ) -> Result<(), ServiceError> {
-        let mut state = self.lock();
-        state.check_session(worker, session)?;
-        let Some(job) = state.sessions.get(&worker).and_then(|s| s.job) else {
-            return Err(ServiceError::Protocol(format!(
-                "worker {worker} reported a step but has no job"
-            )));
-        };
-        state.last_step.insert(job, metrics.clone());
-        if let Some(log) = state.events.get_mut(&job) {
-            log.push(now_ms(), Event::Step(metrics));
-        }
-        drop(state);
-        self.save_events_soon();
-        Ok(())
+        self.push_reported(worker, session, "a step", |state, job| {
+            state.last_step.insert(job, metrics.clone());
+            Ok(Event::Step(metrics))
+        })
     }
 
     /// Publishes a warning `worker` reported about its assigned job (a write it is retrying,
@@ -236,27 +226,40 @@ impl Coordinator {
         warning: v1::WorkerWarning,
     ) -> Result<(), ServiceError> {
         self.progress(worker, session, Instant::now())?;
+        self.push_reported(worker, session, "a warning", |_, job| {
+            if warning.job_id != job.to_string() {
+                return Err(ServiceError::Protocol(format!(
+                    "worker {worker} reported a warning for job {} but is assigned {job}",
+                    warning.job_id
+                )));
+            }
+            tracing::warn!(job = %job, worker = %worker, message = %warning.message, "worker warning");
+            Ok(Event::Warning(v1::Warning {
+                message: format!("worker {worker}: {}", warning.message),
+            }))
+        })
+    }
+
+    /// Pushes the event `make` draws from what `worker`'s session `session` reported
+    /// (`what`) onto its assigned job's log, and has it stored and published from the
+    /// blocking pool. Refused for a stale session or a worker with no job.
+    fn push_reported(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        what: &str,
+        make: impl FnOnce(&mut State, JobId) -> Result<Event, ServiceError>,
+    ) -> Result<(), ServiceError> {
         let mut state = self.lock();
         state.check_session(worker, session)?;
         let Some(job) = state.sessions.get(&worker).and_then(|s| s.job) else {
             return Err(ServiceError::Protocol(format!(
-                "worker {worker} reported a warning but has no job"
+                "worker {worker} reported {what} but has no job"
             )));
         };
-        if warning.job_id != job.to_string() {
-            return Err(ServiceError::Protocol(format!(
-                "worker {worker} reported a warning for job {} but is assigned {job}",
-                warning.job_id
-            )));
-        }
-        tracing::warn!(job = %job, worker = %worker, message = %warning.message, "worker warning");
+        let event = make(&mut state, job)?;
         if let Some(log) = state.events.get_mut(&job) {
-            log.push(
-                now_ms(),
-                Event::Warning(v1::Warning {
-                    message: format!("worker {worker}: {}", warning.message),
-                }),
-            );
+            log.push(now_ms(), event);
         }
         drop(state);
         self.save_events_soon();
